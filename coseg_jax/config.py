@@ -1,0 +1,176 @@
+"""Shared config defaults; files under configs/ override a few fields.
+
+Every field is overridable from the command line as `--config.section.field=value`.
+Optional paths use `placeholder(str)` (None until set) because a plain None default
+cannot be overridden from a flag; sequences are tuples for the same reason.
+"""
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def _weights():
+  w = config_dict.ConfigDict()
+  # Folder searched for published weight files (Keras notop .h5, torchvision .pth,
+  # EfficientNet-Lite0 .pth); falls back to $COSEG_WEIGHTS_DIR.
+  w.dir = placeholder(str)
+  # Explicit files; each wins over `dir`.
+  w.vgg16 = placeholder(str)
+  w.resnet50 = placeholder(str)
+  w.efficientnet_lite0 = placeholder(str)
+  # Where converted Flax arrays are cached; falls back to $COSEG_CACHE_DIR, then
+  # ~/.cache/coseg_jax.
+  w.cache_dir = placeholder(str)
+  return w
+
+
+def _data(image_size, batch_size):
+  d = config_dict.ConfigDict()
+  # A group folder (images/, masks/ or instances/), a folder of groups, or a PASCAL
+  # VOC root. Unset: the built-in demo data, generated into the work directory.
+  d.root = placeholder(str)
+  # Only these group names under `root` (empty: all groups).
+  d.groups = ()
+  # Network input is image_size x image_size (aspect not kept, as in both papers).
+  d.image_size = image_size
+  # Images per training step; the last batch of an epoch is padded by wrapping around.
+  d.batch_size = batch_size
+  return d
+
+
+def _output():
+  o = config_dict.ConfigDict()
+  # Write label PNGs, colour overlays and one contact sheet per group.
+  o.images = True
+  # No progress bars (for sweeps); the log file still gets everything.
+  o.quiet = False
+  return o
+
+
+def multiclass():
+  """Defaults of the thesis method (SPEC §3); configs/*.py override a few fields."""
+  c = config_dict.ConfigDict()
+  c.method = 'multiclass'
+  c.seed = 0
+  # 'none': train the co-attention model. 'cluster': the training-free baseline of
+  # SPEC §6(a) (k-means of the frozen extractor's dense features), scored the same way.
+  c.baseline = 'none'
+  # Number of foreground classes K shared by the group.
+  c.num_classes = 2
+  c.data = _data(image_size=384, batch_size=3)
+  c.weights = _weights()
+
+  c.model = config_dict.ConfigDict()
+  # Generator encoder: 'auto' (vgg16 if its weights are found, else efficientnet_lite0),
+  # 'vgg16' (the thesis), or 'efficientnet_lite0'.
+  c.model.encoder = 'auto'
+  # Frozen extractor f: 'auto' (resnet50 if found, else efficientnet_lite0), 'resnet50'
+  # (the thesis) or 'efficientnet_lite0'.
+  c.model.extractor = 'auto'
+  # Attention on the deepest encoder map: 'none' | 'sa' | 'ma' | 'sa_ma' (Tables 3-4).
+  c.model.attention = 'sa_ma'
+  # Mutual attention squashes column sums v of the row-softmax with sigmoid(v * M**-p);
+  # the thesis' constant was lost in extraction. p=0.5 makes a pixel that every
+  # reference pixel picks (v = M) saturate and the average pixel (v = 1) sit near 0.5.
+  c.model.mutual_scale_power = 0.5
+  # Q/K/V channels are C // attention_reduction (C' = C/2 in the thesis).
+  c.model.attention_reduction = 2
+
+  c.loss = config_dict.ConfigDict()
+  # Normalisation of f's pooled vectors before the distances: 'l2' or 'none'. Raw
+  # 2048-d features make d+ - d- huge and saturate the softplus.
+  c.loss.feature_norm = 'l2'
+  # Multiplies the normalised features (distances scale by its square).
+  c.loss.feature_scale = 2.0
+
+  c.train = config_dict.ConfigDict()
+  c.train.epochs = 10
+  # The exponent was lost in the thesis text; chosen by a sweep (BUILD.md).
+  c.train.learning_rate = 1e-5
+  # Coupled L2 (added to the gradient before Adam), as in PyTorch's Adam.
+  c.train.weight_decay = 5e-4
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  # Save a checkpoint every this many steps (and at the end); resume from the latest.
+  c.train.checkpoint_every = 50
+  c.train.max_checkpoints = 2
+
+  c.infer = config_dict.ConfigDict()
+  # 'crf' (dense CRF, Tables 6-7) or 'argmax' (Eq. 9), both after Eq. 8 normalisation.
+  c.infer.method = 'crf'
+  c.infer.crf = config_dict.ConfigDict()
+  c.infer.crf.iterations = 5
+  # Gaussian (smoothness) kernel: spatial std in pixels and weight.
+  c.infer.crf.gaussian_sxy = 3.0
+  c.infer.crf.gaussian_compat = 3.0
+  # Bilateral (appearance) kernel: spatial std, colour std, weight.
+  c.infer.crf.bilateral_sxy = 50.0
+  c.infer.crf.bilateral_srgb = 13.0
+  c.infer.crf.bilateral_compat = 10.0
+  # Unary = -log(clip(S~)); S~ is first raised to this power to sharpen or soften it.
+  c.infer.crf.unary_power = 1.0
+
+  c.output = _output()
+  return c
+
+
+def instance():
+  """Defaults of DeepCO3 (SPEC §4, from the authors' code)."""
+  c = config_dict.ConfigDict()
+  c.method = 'instance'
+  c.seed = 0
+  # 'none': DeepCO3. 'saliency': the saliency prior alone, binarised, one instance per
+  # connected component (SPEC §6(b)), scored the same way.
+  c.baseline = 'none'
+  c.data = _data(image_size=448, batch_size=6)
+  c.weights = _weights()
+
+  c.model = config_dict.ConfigDict()
+  # 'auto' (vgg16 if its weights are found, else efficientnet_lite0), 'vgg16', or
+  # 'efficientnet_lite0'. Fine-tuned, unlike the multi-class extractor.
+  c.model.backbone = 'auto'
+  # Feature tap; 'auto' is conv5_3 for vgg16 (Keras notop has no fc6) and the head
+  # for efficientnet_lite0.
+  c.model.feature = 'auto'
+  # Per-pixel L2 normalisation f / sqrt(sum f^2 + eps).
+  c.model.l2_eps = 1e-2
+
+  c.loss = config_dict.ConfigDict()
+  c.loss.copeak_weight = 0.5
+  c.loss.affinity_weight = 0.1
+  c.loss.affinity_alpha = 4.0
+  c.loss.saliency_weight = 1.0
+
+  c.saliency = config_dict.ConfigDict()
+  # Saliency prior: 'mbd' (minimum barrier distance on superpixels, built in) or
+  # 'folder' (precomputed maps: <stem>.png or .mat under `folder`).
+  c.saliency.prior = 'mbd'
+  c.saliency.folder = placeholder(str)
+
+  c.train = config_dict.ConfigDict()
+  c.train.epochs = 40
+  c.train.learning_rate = 1e-6
+  c.train.weight_decay = 5e-4
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.checkpoint_every = 50
+  c.train.max_checkpoints = 2
+
+  c.proposals = config_dict.ConfigDict()
+  # 'builtin' (hierarchical superpixel grouping) or 'folder' (.mat / HDF5 per image).
+  c.proposals.source = 'builtin'
+  c.proposals.folder = placeholder(str)
+  c.proposals.min_area = 2e-5
+  c.proposals.max_area = 0.85
+
+  c.rank = config_dict.ConfigDict()
+  c.rank.inside_weight = 0.8
+  c.rank.background_penalty = 1e-5
+  c.rank.nms_iou = 0.4
+  # Detections below this percentile of the group's scores are dropped (best per image kept).
+  c.rank.drop_percentile = 20.0
+
+  c.output = _output()
+  return c

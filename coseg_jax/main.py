@@ -1,0 +1,66 @@
+"""Library entry point behind bin/run.py: work directory, log, dispatch, exit codes."""
+import logging
+import os
+import sys
+
+from coseg_jax import fileio
+from coseg_jax.errors import DivergedError, InputError
+
+log = logging.getLogger('coseg_jax')
+
+
+def _prepare_workdir(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise InputError(f'{workdir}: cannot create work directory ({e.strerror})') from None
+  probe = os.path.join(workdir, '.write-test')
+  try:
+    with open(probe, 'w'):
+      pass
+    os.unlink(probe)
+  except OSError as e:
+    raise InputError(f'{workdir}: work directory is not writable ({e.strerror})') from None
+
+
+def _setup_logging(workdir):
+  log.setLevel(logging.INFO)
+  for h in list(log.handlers):
+    log.removeHandler(h)
+  fh = logging.FileHandler(os.path.join(workdir, 'run.log'))
+  fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  log.addHandler(fh)
+  sh = logging.StreamHandler(sys.stdout)
+  sh.setFormatter(logging.Formatter('%(message)s'))
+  log.addHandler(sh)
+  log.propagate = False
+
+
+def run(config, workdir):
+  """Runs the experiment `config` into `workdir`; returns the metrics dict."""
+  _prepare_workdir(workdir)
+  _setup_logging(workdir)
+  fileio.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2) + '\n')
+  if config.method == 'multiclass':
+    from coseg_jax import multiclass
+    return multiclass.run(config, workdir)
+  if config.method == 'instance':
+    from coseg_jax import instance
+    return instance.run(config, workdir)
+  raise InputError(f'config.method: unknown method {config.method!r} (multiclass | instance)')
+
+
+def run_cli(config, workdir) -> int:
+  """`run` with user errors as one line on stderr and exit status 2."""
+  try:
+    run(config, workdir)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except DivergedError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print('interrupted; rerun the same command to resume from the last checkpoint', file=sys.stderr)
+    return 130
+  return 0
