@@ -1,0 +1,40 @@
+"""The FCN generator g of the thesis: encoder -> attention -> 1x1 classifier -> upsample -> softmax.
+
+Channel 0 of the output is background (the thesis' channel K+1); 1..K are the classes, so
+an argmax is directly a label map.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coseg_jax import attention
+from coseg_jax import weights
+
+# Deepest stride-16 map of each encoder: finer than stride 32 for masks, still small
+# enough for M x M attention (24 x 24 at 384 input).
+ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'stride16'}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSpec:
+  num_classes: int                 # K foreground classes; the output has K + 1 channels
+  preprocessing: str               # matches the encoder's weight source ('caffe' | 'imagenet')
+  tap: str                         # encoder feature the attention module works on
+  attention: attention.AttentionSpec = attention.AttentionSpec()
+
+
+class Generator(nn.Module):
+  spec: GeneratorSpec
+  encoder: nn.Module               # a backbones.* module; its params live under 'encoder'
+
+  @nn.compact
+  def __call__(self, x01_BxHxWx3):
+    b, h, w, _ = x01_BxHxWx3.shape
+    feat_BxhxwxC = self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))[self.spec.tap]
+    feat_BxhxwxC = attention.AttentionModule(self.spec.attention, name='attention')(feat_BxhxwxC)
+    logits_Bxhxwx1K = nn.Conv(self.spec.num_classes + 1, (1, 1), name='classifier')(feat_BxhxwxC)
+    logits_BxHxWx1K = jax.image.resize(
+        logits_Bxhxwx1K, (b, h, w, self.spec.num_classes + 1), method='bilinear')
+    return jax.nn.softmax(logits_BxHxWx1K, axis=-1)

@@ -1,0 +1,175 @@
+"""Multi-class object co-segmentation (thesis method, SPEC §3): one model per image group."""
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coseg_jax import attention
+from coseg_jax import baselines
+from coseg_jax import data
+from coseg_jax import demo
+from coseg_jax import fileio
+from coseg_jax import generator
+from coseg_jax import infer
+from coseg_jax import losses
+from coseg_jax import metrics
+from coseg_jax import train
+from coseg_jax import visualize
+from coseg_jax import weights
+from coseg_jax.errors import InputError
+
+log = logging.getLogger('coseg_jax')
+
+# Pooled feature of the frozen extractor f.
+EXTRACTOR_TAPS = {'resnet50': 'layer4', 'efficientnet_lite0': 'head'}
+
+
+def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
+  """Co-attention loss of one mini-batch; gradients reach the generator only."""
+  x_BxHxWx3 = batch['image']
+  maps_BxHxWxK1 = gen.apply({'params': params}, x_BxHxWx3)
+  b, h, w, k1 = maps_BxHxWxK1.shape
+  # All B*(K+1) masked images go through f as one batch (Eq. 1).
+  masked_BxK1xHxWx3 = x_BxHxWx3[:, None] * jnp.moveaxis(maps_BxHxWxK1, -1, 1)[..., None]
+  tap = EXTRACTOR_TAPS[extractor.name]
+  feat = extractor.apply(frozen, masked_BxK1xHxWx3.reshape(b * k1, h, w, 3), taps=(tap,))[tap]
+  pooled_NxD = losses.normalize_features(feat.mean(axis=(1, 2)), loss_cfg.feature_norm,
+                                         loss_cfg.feature_scale)
+  loss = losses.coattention_loss(pooled_NxD.reshape(b, k1, -1))
+  # Mean soft area per channel: shows collapse (one channel taking everything) in the log.
+  area_K1 = maps_BxHxWxK1.mean(axis=(0, 1, 2))
+  return loss, {f'area{i}': area_K1[i] for i in range(k1)}
+
+
+def build_generator(config, encoder):
+  spec = generator.GeneratorSpec(
+      num_classes=config.num_classes,
+      preprocessing=encoder.preprocessing,
+      tap=generator.ENCODER_TAPS[encoder.name],
+      attention=attention.AttentionSpec(
+          mode=config.model.attention, reduction=config.model.attention_reduction,
+          mutual_scale_power=config.model.mutual_scale_power))
+  return generator.Generator(spec, encoder=encoder.module)
+
+
+def init_params(gen, encoder_vars, image_size, batch_size, seed):
+  x = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
+  params = gen.init(jax.random.PRNGKey(seed), x)['params']
+  params = dict(params)
+  params['encoder'] = weights.merge_params(params['encoder'], encoder_vars['params'],
+                                           what='generator encoder')
+  return params
+
+
+def predict(gen, params, images_NxSxSx3, batch_size):
+  """Co-attention maps of every image, in batches of the training size (mutual
+  attention needs partners): image order, the last batch wrapping around."""
+  apply = jax.jit(lambda p, x: gen.apply({'params': p}, x))
+  n = len(images_NxSxSx3)
+  out = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n
+    maps = np.asarray(apply(params, images_NxSxSx3[idx]))
+    out.extend(maps[:min(batch_size, n - start)])
+  return out
+
+
+def _group_paths(config, workdir):
+  if config.data.root is None:
+    path = demo.make_multiclass_demo(os.path.join(workdir, 'demo_data'), config.num_classes,
+                                     seed=config.seed)
+    log.info('data: built-in demo group (%d classes) at %s', config.num_classes, path)
+    return [path]
+  return data.find_groups(config.data.root, config.data.groups)
+
+
+def segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir):
+  """Soft maps (HxWx(K+1), original size) for every image of `group`."""
+  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+  if config.baseline == 'cluster':
+    return baselines.cluster_baseline(
+        extractor, extractor_vars, [s.image for s in group.samples], config.data.image_size,
+        config.num_classes, config.seed, tap=EXTRACTOR_TAPS[extractor.name])
+  gen = build_generator(config, encoder)
+  params = init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
+                       config.seed)
+  tc = train.TrainConfig.from_config(config)
+  step_loss = functools.partial(loss_fn, gen, extractor, config.loss)
+  params, _ = train.fit(
+      step_loss, params, extractor_vars, {'image': images}, tc,
+      ckpt_dir=os.path.join(group_dir, 'checkpoints'),
+      log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet,
+      desc=f'train {group.name}')
+  maps = predict(gen, params, images, config.data.batch_size)
+  return [data.resize_maps(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
+
+
+def run(config, workdir):
+  k = config.num_classes
+  if k < 1:
+    raise InputError(f'config.num_classes: K must be at least 1, got {k}')
+  if config.baseline not in ('none', 'cluster'):
+    raise InputError(f'config.baseline: {config.baseline!r} is not one of none | cluster')
+  if config.model.attention not in attention.MODES:
+    raise InputError(f'config.model.attention: {config.model.attention!r} is not one of '
+                     f'{" | ".join(attention.MODES)}')
+  group_paths = _group_paths(config, workdir)
+  extractor, extractor_vars = weights.load_backbone(
+      weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
+  encoder, encoder_vars = weights.load_backbone(
+      weights.resolve_name(config.model.encoder, 'encoder', config.weights), config.weights)
+  backbones_used = {'encoder': {'name': encoder.name, 'weights': encoder.source},
+                    'extractor': {'name': extractor.name, 'weights': extractor.source}}
+  log.info('encoder: %s <- %s', encoder.name, encoder.source)
+  log.info('extractor: %s <- %s', extractor.name, extractor.source)
+  method = 'clustering baseline' if config.baseline == 'cluster' else f'co-attention ({config.model.attention})'
+
+  results = {}
+  for path in group_paths:
+    group = data.load_group(path, num_classes=k, min_images=config.data.batch_size)
+    group_dir = os.path.join(workdir, group.name)
+    log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
+             method, config.infer.method)
+    maps = segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir)
+    labels = [infer.labels_from_maps(s.image, m, config.infer) for s, m in zip(group.samples, maps)]
+    scores = None
+    if all(s.mask is not None for s in group.samples):
+      scores = metrics.score_group(labels, [s.mask for s in group.samples], k,
+                                   fixed_background=config.baseline == 'none',
+                                   names=[s.stem for s in group.samples])
+      results[group.name] = scores
+    if config.output.images:
+      _write_group_images(group, labels, scores, group_dir)
+
+  summary = {'method': method, 'backbones': backbones_used, 'num_classes': k,
+             'inference': config.infer.method, 'groups': results}
+  if results:
+    summary['mean'] = metrics.summarize(results)
+    log.info('\n%s', metrics.format_table(summary))
+  else:
+    log.info('no ground-truth masks found: predictions written, nothing scored')
+  fileio.atomic_write_json(os.path.join(workdir, 'metrics.json'), summary)
+  return summary
+
+
+def _write_group_images(group, labels, scores, group_dir):
+  """Label PNGs with the predicted ids, overlays, and one contact sheet per group.
+
+  Where ground truth exists, labels are remapped by the group's Hungarian matching so
+  colours agree with the ground truth."""
+  if scores is not None:
+    mapping = np.asarray(scores['mapping'], np.uint8)
+    labels = [mapping[l] for l in labels]
+  rows, titles = [], []
+  for s, lab in zip(group.samples, labels):
+    visualize.save_label_png(os.path.join(group_dir, 'labels', f'{s.stem}.png'), lab)
+    over = visualize.overlay(s.image, lab)
+    fileio.save_png(os.path.join(group_dir, 'overlays', f'{s.stem}.png'), over)
+    row = [s.image] + ([visualize.overlay(s.image, s.mask)] if s.mask is not None else []) + [over]
+    rows.append(row)
+    titles.append(s.stem)
+  fileio.save_png(os.path.join(group_dir, 'contact_sheet.png'),
+                  visualize.contact_sheet(rows, titles=titles))

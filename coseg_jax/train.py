@@ -1,0 +1,180 @@
+"""Shared trainer: coupled-L2 Adam, one jitted step, orbax checkpoints with resume.
+
+Both methods train one model per image group with `fit`. The step is compiled once:
+batches have a fixed shape (the last batch of an epoch wraps around to the start of
+that epoch's permutation), and the frozen backbone is an argument, not a constant.
+The data order depends only on (seed, epoch), so a run resumed from step s replays
+exactly the batches an uninterrupted run would have seen.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from coseg_jax import progress
+from coseg_jax.errors import DivergedError
+
+log = logging.getLogger('coseg_jax')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  epochs: int
+  batch_size: int
+  learning_rate: float
+  weight_decay: float
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  checkpoint_every: int = 50
+  max_checkpoints: int = 2
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, config):
+    t = config.train
+    return cls(epochs=t.epochs, batch_size=config.data.batch_size, learning_rate=t.learning_rate,
+               weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
+               checkpoint_every=t.checkpoint_every, max_checkpoints=t.max_checkpoints,
+               seed=config.seed)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  # PyTorch's Adam(weight_decay=...) adds wd * w to the gradient before the moment
+  # estimates (coupled L2), unlike AdamW; the papers trained with the former.
+  return optax.chain(
+      optax.add_decayed_weights(tc.weight_decay),
+      optax.scale_by_adam(b1=tc.b1, b2=tc.b2, eps=tc.eps),
+      optax.scale(-tc.learning_rate))
+
+
+def steps_per_epoch(num_items, batch_size):
+  return math.ceil(num_items / batch_size)
+
+
+def batch_indices(num_items, batch_size, seed, step):
+  """Indices of the batch at global `step`; a pure function of its arguments."""
+  per_epoch = steps_per_epoch(num_items, batch_size)
+  epoch, k = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_items)
+  return np.take(order, np.arange(k * batch_size, (k + 1) * batch_size), mode='wrap')
+
+
+def train_step(loss_fn, optimizer, state, frozen, batch):
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], frozen, batch)
+  updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+  new_state = {'params': optax.apply_updates(state['params'], updates),
+               'opt_state': opt_state, 'step': state['step'] + 1}
+  return new_state, loss, aux
+
+
+class _StopRequested:
+  """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is written."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # second signal: give up at once
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def _rewrite_log_upto(log_path, last_step):
+  """Drops records after `last_step`, so a resumed run's log has no duplicate steps."""
+  if not os.path.exists(log_path):
+    return
+  with open(log_path) as f:
+    keep = [l for l in f if l.strip() and json.loads(l)['step'] <= last_step]
+  with open(log_path, 'w') as f:
+    f.writelines(keep)
+
+
+def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, quiet=False,
+        desc='train'):
+  """Trains `params` to minimise `loss_fn(params, frozen, batch) -> (loss, aux)`.
+
+  Args:
+    loss_fn: pure loss; `aux` is a dict of scalars logged per step.
+    params: trainable pytree (the only thing the optimizer sees).
+    frozen: pytree passed through unchanged (e.g. the frozen extractor's weights).
+    data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
+    tc: the training hyper-parameters.
+    ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
+    log_path: JSONL file, one record per step (step, epoch, loss, aux).
+
+  Returns:
+    (params, history) where history is the list of per-step loss records of this call.
+  """
+  num_items = len(next(iter(data.values())))
+  per_epoch = steps_per_epoch(num_items, tc.batch_size)
+  total = tc.epochs * per_epoch
+  optimizer = make_optimizer(tc)
+  state = {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.zeros((), jnp.int32)}
+
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(ckpt_dir),
+      options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = mngr.restore(latest, args=ocp.args.StandardRestore(state))
+    log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
+    _rewrite_log_upto(log_path, latest)
+  start = int(state['step'])
+
+  step_fn = jax.jit(functools.partial(train_step, loss_fn, optimizer), donate_argnums=(0,))
+  history = []
+  running = None
+  with _StopRequested() as stop, open(log_path, 'a') as log_file, \
+      progress.bar(total=total, desc=desc, quiet=quiet) as pbar:
+    pbar.update(start)
+    for step in range(start, total):
+      idx = batch_indices(num_items, tc.batch_size, tc.seed, step)
+      batch = {k: v[idx] for k, v in data.items()}
+      state, loss, aux = step_fn(state, frozen, batch)
+      loss = float(loss)
+      if not math.isfinite(loss):
+        raise DivergedError(
+            f'{desc}: loss is {loss} at step {step + 1}; nothing was written for this group. '
+            'Lower --config.train.learning_rate or check the input images.')
+      rec = {'step': step + 1, 'epoch': step // per_epoch + 1, 'loss': loss,
+             **{k: float(v) for k, v in aux.items()}}
+      history.append(rec)
+      log_file.write(json.dumps(rec) + '\n')
+      log_file.flush()
+      running = loss if running is None else 0.9 * running + 0.1 * loss
+      pbar.set_postfix(loss=f'{running:.4f}')
+      pbar.update(1)
+      done = step + 1
+      if done % tc.checkpoint_every == 0 or done == total or stop.signum is not None:
+        mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+      if stop.signum is not None:
+        mngr.wait_until_finished()
+        log.info('%s: stopped by signal %d at step %d; checkpoint written', desc, stop.signum, done)
+        raise KeyboardInterrupt
+  mngr.wait_until_finished()
+  mngr.close()
+  return state['params'], history

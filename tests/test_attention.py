@@ -1,0 +1,78 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coseg_jax import attention
+
+
+def _rand(key, *shape):
+  return jax.random.normal(jax.random.PRNGKey(key), shape)
+
+
+@pytest.mark.parametrize('mode', attention.MODES)
+def test_gamma_zero_is_identity(mode):
+  feat = _rand(0, 3, 4, 5, 8)
+  mod = attention.AttentionModule(attention.AttentionSpec(mode=mode))
+  variables = mod.init(jax.random.PRNGKey(1), feat)
+  np.testing.assert_array_equal(mod.apply(variables, feat), feat)
+  if mode != 'none':
+    assert float(variables['params']['gamma']) == 0.0
+    # With gamma != 0 the module must actually change the features.
+    params = dict(variables['params'], gamma=jnp.ones(()))
+    assert not np.allclose(mod.apply({'params': params}, feat), feat)
+
+
+def test_self_attention_rows_are_convex_combinations():
+  q, k, v = _rand(0, 6, 4), _rand(1, 6, 4), _rand(2, 6, 3)
+  out = attention.self_attention(q, k, v)
+  weights = jax.nn.softmax(q @ k.T, axis=-1)
+  np.testing.assert_allclose(out, weights @ v, rtol=1e-6)
+  assert out.min() >= v.min() - 1e-6 and out.max() <= v.max() + 1e-6
+
+
+def test_mutual_weights_column_sums_total_m():
+  # Every reference pixel distributes one unit over the anchor, so sum(v) = M; the
+  # weights are sigmoid(scale * v).
+  q, k = _rand(0, 9, 4), _rand(1, 9, 4)
+  w = attention.mutual_weights(q, k, 1.0)
+  v = jnp.log(w / (1 - w))
+  np.testing.assert_allclose(v.sum(), 9.0, rtol=1e-4)
+  assert (w > 0).all() and (w < 1).all()
+
+
+def test_mutual_attention_matches_pair_loop():
+  b, m, d = 4, 6, 3
+  q, k, v = _rand(0, b, m, d), _rand(1, b, m, d), _rand(2, b, m, d)
+  got = attention.mutual_attention(q, k, v, 0.5)
+  for i in range(b):
+    refs = [attention.mutual_features(q[j], k[i], v[i], 0.5) for j in range(b) if j != i]
+    np.testing.assert_allclose(got[i], np.mean(refs, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_mutual_attention_of_identical_images():
+  # Documented behaviour: an image paired with an identical copy gets the same output
+  # whichever is the anchor, fg + bg parts add back up to V, and a pixel that the
+  # reference picks more gets a larger foreground weight.
+  q1, k1, v1 = _rand(0, 5, 3), _rand(1, 5, 3), _rand(2, 5, 3)
+  q, k, v = (jnp.stack([a, a]) for a in (q1, k1, v1))
+  out = attention.mutual_attention(q, k, v, 1.0)
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-6)
+  np.testing.assert_allclose(out[0, :, :3] + out[0, :, 3:], v1, rtol=1e-5, atol=1e-6)
+  col_sums = jax.nn.softmax(q1 @ k1.T, axis=-1).sum(0)
+  fg_weight = out[0, :, 0] / v1[:, 0]
+  assert np.argmax(fg_weight) == np.argmax(col_sums)
+
+
+def test_mutual_attention_permutation_equivariant():
+  q, k, v = _rand(0, 3, 4, 2), _rand(1, 3, 4, 2), _rand(2, 3, 4, 2)
+  perm = np.array([2, 0, 1])
+  out = attention.mutual_attention(q, k, v, 0.5)
+  out_p = attention.mutual_attention(q[perm], k[perm], v[perm], 0.5)
+  np.testing.assert_allclose(out_p, out[perm], rtol=1e-5)
+
+
+def test_mutual_attention_needs_two_images():
+  mod = attention.AttentionModule(attention.AttentionSpec(mode='ma'))
+  with pytest.raises(ValueError, match='at least 2'):
+    mod.init(jax.random.PRNGKey(0), _rand(0, 1, 2, 2, 4))

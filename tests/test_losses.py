@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coseg_jax import losses
+
+
+def _brute_force(feat, k):
+  b = feat.shape[0]
+  terms = []
+  for i in range(b):
+    for j in range(b):
+      if i == j:
+        continue
+      for c in range(1, k + 1):
+        dp = np.sum((feat[i, c] - feat[j, c]) ** 2)
+        dn = sum(np.sum((feat[i, c] - feat[i, l]) ** 2) + np.sum((feat[j, c] - feat[j, l]) ** 2)
+                 for l in range(k + 1) if l != c) / (2 * k)
+        terms.append(-np.log(np.exp(-dp) / (np.exp(-dp) + np.exp(-dn))))
+  return np.mean(terms)
+
+
+def test_matches_equations_4_to_7():
+  feat = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5))) * 0.5
+  np.testing.assert_allclose(losses.coattention_loss(jnp.asarray(feat)), _brute_force(feat, 3),
+                             rtol=1e-5)
+
+
+def test_finite_with_finite_gradients_even_when_saturated():
+  feat = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16)) * 100.0  # exp(-d) underflows
+  loss, grad = jax.value_and_grad(losses.coattention_loss)(feat)
+  assert np.isfinite(loss) and np.isfinite(grad).all()
+  # Identical features everywhere: d+ = d- = 0, loss = log 2 and finite gradients.
+  same = jnp.ones((3, 3, 4))
+  loss, grad = jax.value_and_grad(lambda f: losses.coattention_loss(
+      losses.normalize_features(f, 'l2', 2.0)))(same)
+  np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
+  assert np.isfinite(grad).all()
+
+
+def _image(positions, size=16):
+  """Grey image with a red and a blue square at the given corners."""
+  img = np.full((size, size, 3), 0.5, np.float32)
+  masks = np.zeros((3, size, size), np.float32)
+  for cls, ((y, x), colour) in enumerate(zip(positions, ([1, 0, 0], [0, 0, 1])), start=1):
+    img[y:y + 6, x:x + 6] = colour
+    masks[cls, y:y + 6, x:x + 6] = 1
+  masks[0] = 1 - masks[1:].sum(0)
+  return img, masks
+
+
+def _features(img, masks, w):
+  """A fixed random conv + ReLU + global pooling as a stand-in extractor."""
+  masked = img[None] * masks[..., None]
+  h = jax.nn.relu(jax.lax.conv_general_dilated(
+      masked, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  return losses.normalize_features(h.mean((1, 2)), 'l2', 2.0)
+
+
+def test_lower_when_same_class_covers_same_content():
+  w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 3, 32))
+  layouts = [((1, 1), (9, 9)), ((9, 2), (2, 9)), ((4, 8), (8, 1))]
+  consistent, swapped = [], []
+  for n, pos in enumerate(layouts):
+    img, masks = _image(pos)
+    consistent.append(_features(img, masks, w))
+    # In half the images the class channels are swapped: class 1 covers blue there.
+    swapped.append(_features(img, masks[[0, 2, 1]] if n % 2 else masks, w))
+  good = losses.coattention_loss(jnp.stack(consistent))
+  bad = losses.coattention_loss(jnp.stack(swapped))
+  assert good < bad - 0.1
