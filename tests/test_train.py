@@ -1,0 +1,110 @@
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coseg_jax import train
+from coseg_jax.errors import DivergedError
+
+TC = train.TrainConfig(epochs=3, batch_size=2, learning_rate=0.3, weight_decay=5e-4,
+                       checkpoint_every=2, seed=3)
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 4)).astype(np.float32)
+  return {'x': x, 'y': (x @ np.arange(4, dtype=np.float32) + 1.0)[:, None]}
+
+
+def _loss(params, frozen, batch):
+  pred = batch['x'] @ params['w'] * frozen['scale'] + params['b']
+  loss = jnp.mean((pred - batch['y']) ** 2)
+  return loss, {'abs_b': jnp.abs(params['b']).sum()}
+
+
+def _params():
+  return {'w': jnp.zeros((4, 1)), 'b': jnp.zeros((1,))}
+
+
+def _fit(tmp_path, loss=_loss, tc=TC):
+  return train.fit(loss, _params(), {'scale': jnp.ones(())}, _data(), tc,
+                   ckpt_dir=str(tmp_path / 'ckpt'), log_path=str(tmp_path / 'loss.jsonl'),
+                   quiet=True)
+
+
+def test_batches_cover_epoch_and_wrap():
+  per_epoch = train.steps_per_epoch(5, 2)
+  seen = np.concatenate([train.batch_indices(5, 2, 0, s) for s in range(per_epoch)])
+  assert per_epoch == 3 and len(seen) == 6
+  assert set(seen[:5]) == set(range(5))      # every item once per epoch
+  assert seen[5] == seen[0]                  # the last batch wraps around
+  assert not np.array_equal(train.batch_indices(5, 2, 0, 0), train.batch_indices(5, 2, 0, 3))
+
+
+def test_coupled_weight_decay_matches_torch_adam_formula():
+  tc = train.TrainConfig(epochs=1, batch_size=1, learning_rate=0.1, weight_decay=0.5)
+  opt = train.make_optimizer(tc)
+  p = {'w': jnp.array([2.0])}
+  g = {'w': jnp.array([0.3])}
+  upd, _ = opt.update(g, opt.init(p), p)
+  # First Adam step on g + wd * p: m_hat / (sqrt(v_hat) + eps) = sign(g + wd p).
+  np.testing.assert_allclose(upd['w'], [-0.1], rtol=1e-5)
+  upd_neg, _ = opt.update({'w': jnp.array([-1.5])}, opt.init(p), p)  # -1.5 + 1.0 < 0
+  np.testing.assert_allclose(upd_neg['w'], [0.1], rtol=1e-5)
+
+
+def test_trains_compiles_once_and_logs(tmp_path):
+  traces = []
+
+  def counting_loss(params, frozen, batch):
+    traces.append(1)
+    return _loss(params, frozen, batch)
+
+  params, history = _fit(tmp_path, counting_loss)
+  assert len(traces) == 1                     # one trace for 9 steps incl. padded batches
+  assert len(history) == 9
+  first, last = (np.mean([r['loss'] for r in history[s]]) for s in (slice(0, 3), slice(6, 9)))
+  assert last < 0.5 * first
+  lines = [json.loads(l) for l in open(tmp_path / 'loss.jsonl')]
+  assert [r['step'] for r in lines] == list(range(1, 10))
+  assert {'loss', 'epoch', 'abs_b'} <= set(lines[0])
+
+
+def test_signal_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch):
+  full, _ = _fit(tmp_path / 'full')
+
+  real = train.batch_indices
+
+  def interrupt_at_step_4(n, b, seed, step):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(n, b, seed, step)
+
+  monkeypatch.setattr(train, 'batch_indices', interrupt_at_step_4)
+  with pytest.raises(KeyboardInterrupt):
+    _fit(tmp_path / 'cut')
+  monkeypatch.setattr(train, 'batch_indices', real)
+  assert sorted(os.listdir(tmp_path / 'cut' / 'ckpt'))[-1] == '5'
+  resumed, history = _fit(tmp_path / 'cut')
+  assert [r['step'] for r in history] == [6, 7, 8, 9]
+  for k in full:
+    np.testing.assert_array_equal(full[k], resumed[k])
+  steps = [json.loads(l)['step'] for l in open(tmp_path / 'cut' / 'loss.jsonl')]
+  assert steps == list(range(1, 10))
+  # A finished run is not trained again.
+  again, history = _fit(tmp_path / 'cut')
+  assert history == []
+  np.testing.assert_array_equal(again['w'], full['w'])
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+  def bad_loss(params, frozen, batch):
+    loss, aux = _loss(params, frozen, batch)
+    return loss * jnp.where(params['b'][0] != 0, jnp.nan, 1.0), aux
+
+  with pytest.raises(DivergedError, match='loss is nan at step 2'):
+    _fit(tmp_path, bad_loss)
