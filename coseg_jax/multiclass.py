@@ -145,9 +145,9 @@ def run(config, workdir):
       _write_group_images(group, labels, scores, group_dir)
 
   summary = {'method': method, 'backbones': backbones_used, 'num_classes': k,
-             'inference': config.infer.method, 'groups': results}
+             'inference': config.infer.method, 'groups': {}}
   if results:
-    summary['mean'] = metrics.summarize(results)
+    summary.update(metrics.summarize(results))
     log.info('\n%s', metrics.format_table(summary))
   else:
     log.info('no ground-truth masks found: predictions written, nothing scored')

@@ -1,0 +1,63 @@
+"""Training-free clustering baseline (SPEC §6a).
+
+k-means of the frozen extractor's dense features into K+1 clusters over the whole group.
+Cluster ids are arbitrary (none of them is known to be background), so the pipeline scores
+this baseline with `metrics.score_group(..., fixed_background=False)`.
+"""
+import jax
+import numpy as np
+from PIL import Image
+from scipy.cluster import vq
+
+# Independent k-means++ starts; the one of lowest inertia is kept.
+_RESTARTS = 4
+# Lloyd iterations per start (scipy's kmeans2 runs them all).
+_ITERATIONS = 30
+
+
+def cluster_group(dense_feats_list, num_clusters, seed):
+  """k-means over all pixels of a group; returns one uint8 hxw cluster map per image.
+
+  Features (hxwxC each) are L2-normalised per pixel so that clusters follow the feature
+  direction, not the activation magnitude. Deterministic for a given seed.
+  """
+  feats = [np.asarray(f, np.float32) for f in dense_feats_list]
+  x_NxC = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
+  x_NxC /= np.maximum(np.linalg.norm(x_NxC, axis=1, keepdims=True), 1e-12)
+  rng = np.random.default_rng(seed)
+  best_inertia, best_labels = np.inf, None
+  for _ in range(_RESTARTS):
+    centers_KxC, labels_N = vq.kmeans2(x_NxC, num_clusters, iter=_ITERATIONS, minit='++',
+                                       rng=rng)
+    inertia = float(((x_NxC - centers_KxC[labels_N]) ** 2).sum())
+    if inertia < best_inertia:
+      best_inertia, best_labels = inertia, labels_N
+  splits = np.cumsum([f.shape[0] * f.shape[1] for f in feats])[:-1]
+  return [labels.reshape(f.shape[:2]).astype(np.uint8)
+          for labels, f in zip(np.split(best_labels, splits), feats)]
+
+
+def soft_maps(labels_hxw, num_labels, out_hw):
+  """One-hot labels upsampled bilinearly to `out_hw`: HxWxL maps that sum to 1 per pixel."""
+  one_hot_hxwxL = np.eye(num_labels, dtype=np.float32)[labels_hxw]
+  return np.asarray(jax.image.resize(one_hot_hxwxL, (*out_hw, num_labels), 'bilinear'))
+
+
+def _resize01(image_HxWx3, image_size):
+  """uint8 RGB at any size -> float32 [0, 1] at image_size x image_size (aspect not kept)."""
+  resized = Image.fromarray(image_HxWx3).resize((image_size, image_size), Image.BILINEAR)
+  return np.asarray(resized, np.float32) / 255.0
+
+
+def cluster_baseline(backbone, variables, images_uint8_list, image_size, num_classes, seed, tap):
+  """The §6a baseline for one group: HxWx(K+1) soft maps at each image's original size.
+
+  `backbone.apply(variables, x01_BxSxSx3, taps=(tap,))[tap]` gives the dense features;
+  each image is resized to image_size x image_size as for the method itself.
+  """
+  extract = jax.jit(lambda v, x: backbone.apply(v, x, taps=(tap,))[tap])
+  feats = [np.asarray(extract(variables, _resize01(image, image_size)[None]))[0]
+           for image in images_uint8_list]
+  labels = cluster_group(feats, num_classes + 1, seed)
+  return [soft_maps(l, num_classes + 1, image.shape[:2])
+          for l, image in zip(labels, images_uint8_list)]

@@ -1,0 +1,58 @@
+"""Inference post-processing (SPEC §3): Eq. 8 normalisation, then argmax (Eq. 9) or dense CRF.
+
+Maps are HxWx(K+1) probabilities with channel 0 = background and 1..K = classes; label maps
+come out as uint8 in the same order.
+"""
+import numpy as np
+from pydensecrf import densecrf
+
+from coseg_jax.errors import InputError
+
+# Probabilities are clipped here before the log so an exact zero gives a finite unary.
+_MIN_PROB = 1e-8
+
+
+def normalize_maps(S_HxWxK1):
+  """Eq. 8: every channel divided by its maximum over the image (also works on ...xHxWxK1)."""
+  S = np.asarray(S_HxWxK1, np.float32)
+  peak = S.max(axis=(-3, -2), keepdims=True)
+  # An all-zero channel stays zero instead of becoming NaN.
+  return S / np.maximum(peak, np.finfo(np.float32).tiny)
+
+
+def argmax_labels(S_HxWxK1):
+  """Eq. 9: the channel of highest normalised score per pixel."""
+  return np.argmax(S_HxWxK1, axis=-1).astype(np.uint8)
+
+
+def dense_crf_labels(image_HxWx3, S_HxWxK1, crf_cfg):
+  """Fully connected CRF labels from normalised maps and the uint8 RGB image.
+
+  Unary = -log of S~**unary_power renormalised over channels; pairwise = Gaussian
+  (gaussian_sxy, gaussian_compat) + bilateral (bilateral_sxy, bilateral_srgb,
+  bilateral_compat); `iterations` mean-field steps.
+  """
+  H, W, K1 = np.shape(S_HxWxK1)
+  if np.shape(image_HxWx3) != (H, W, 3):
+    raise ValueError(f'image {np.shape(image_HxWx3)} does not match maps {(H, W, K1)}')
+  S = np.asarray(S_HxWxK1, np.float64) ** crf_cfg.unary_power
+  prob = S / np.maximum(S.sum(-1, keepdims=True), _MIN_PROB)
+  unary_K1xN = -np.log(np.clip(prob, _MIN_PROB, 1.0)).reshape(H * W, K1).T
+  crf = densecrf.DenseCRF2D(W, H, K1)
+  crf.setUnaryEnergy(np.ascontiguousarray(unary_K1xN, np.float32))
+  crf.addPairwiseGaussian(sxy=crf_cfg.gaussian_sxy, compat=crf_cfg.gaussian_compat)
+  crf.addPairwiseBilateral(sxy=crf_cfg.bilateral_sxy, srgb=crf_cfg.bilateral_srgb,
+                           rgbim=np.ascontiguousarray(image_HxWx3, np.uint8),
+                           compat=crf_cfg.bilateral_compat)
+  q_K1xN = np.asarray(crf.inference(crf_cfg.iterations))
+  return np.argmax(q_K1xN, axis=0).reshape(H, W).astype(np.uint8)
+
+
+def labels_from_maps(image_HxWx3, S_HxWxK1, infer_cfg):
+  """Eq. 8, then the post-processing named by `infer_cfg.method` ('argmax' or 'crf')."""
+  S = normalize_maps(S_HxWxK1)
+  if infer_cfg.method == 'argmax':
+    return argmax_labels(S)
+  if infer_cfg.method == 'crf':
+    return dense_crf_labels(image_HxWx3, S, infer_cfg.crf)
+  raise InputError(f'config.infer.method: unknown method {infer_cfg.method!r} (argmax | crf)')

@@ -1,0 +1,81 @@
+import types
+
+import numpy as np
+import pytest
+
+from coseg_jax import config, infer
+from coseg_jax.errors import InputError
+
+
+def test_normalize_maps_divides_each_channel_by_its_max():
+  rng = np.random.default_rng(0)
+  S = rng.uniform(0.0, 0.5, (5, 6, 3)).astype(np.float32)
+  S[..., 2] = 0.0
+  out = infer.normalize_maps(S)
+  np.testing.assert_allclose(out[..., :2].max(axis=(0, 1)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(out[..., :2] * S[..., :2].max(axis=(0, 1)), S[..., :2], rtol=1e-6)
+  assert np.all(out[..., 2] == 0.0)
+  # Batched maps are normalised per image, not over the batch.
+  batched = infer.normalize_maps(np.stack([S, 2 * S]))
+  np.testing.assert_allclose(batched, np.stack([out, out]), rtol=1e-6)
+
+
+def test_normalisation_can_change_the_argmax():
+  # A weak but peaked class channel wins after Eq. 8 where raw argmax picks background.
+  S = np.array([[[0.9, 0.05], [0.6, 0.1], [0.7, 0.3]]], np.float32)  # 1x3 image, 2 channels
+  np.testing.assert_array_equal(infer.argmax_labels(S), [[0, 0, 0]])
+  labels = infer.labels_from_maps(None, S, types.SimpleNamespace(method='argmax'))
+  assert labels.dtype == np.uint8
+  np.testing.assert_array_equal(labels, [[0, 0, 1]])
+
+
+def _two_region_problem(seed, size=32, p_true=0.55):
+  rng = np.random.default_rng(seed)
+  truth = np.zeros((size, size), np.uint8)
+  truth[:, size // 2:] = 1
+  image = np.where(truth[..., None] == 1, 200, 40).astype(np.uint8).repeat(3, axis=-1)
+  # Noisy maps whose argmax is wrong on about 40% of the pixels.
+  p1 = np.clip(np.where(truth == 1, p_true, 1 - p_true) + rng.normal(0, 0.2, truth.shape),
+               0.01, 0.99)
+  return image, truth, np.stack([1 - p1, p1], -1).astype(np.float32)
+
+
+def test_dense_crf_cleans_noisy_maps():
+  image, truth, S = _two_region_problem(0)
+  crf_cfg = config.multiclass().infer.crf
+  argmax_acc = np.mean(infer.argmax_labels(S) == truth)
+  crf_labels = infer.dense_crf_labels(image, S, crf_cfg)
+  crf_acc = np.mean(crf_labels == truth)
+  assert crf_labels.dtype == np.uint8 and crf_labels.shape == truth.shape
+  assert argmax_acc < 0.8
+  assert crf_acc > argmax_acc
+  assert crf_acc > 0.95
+
+
+def test_labels_from_maps_selects_crf_from_config():
+  image, truth, S = _two_region_problem(1)
+  cfg = config.multiclass().infer
+  cfg.method = 'crf'
+  np.testing.assert_array_equal(infer.labels_from_maps(image, S, cfg),
+                                infer.dense_crf_labels(image, infer.normalize_maps(S), cfg.crf))
+  cfg.method = 'argmax'
+  np.testing.assert_array_equal(infer.labels_from_maps(image, S, cfg),
+                                infer.argmax_labels(infer.normalize_maps(S)))
+
+
+def test_crf_unary_power_sharpens_the_unary():
+  # A high power makes the noisy unary dominate the pairwise terms: the CRF then follows
+  # the pixelwise argmax instead of cleaning it.
+  image, truth, S = _two_region_problem(2)
+  cfg = config.multiclass().infer.crf
+  argmax = infer.argmax_labels(S)
+  agreement = {}
+  for power in (1.0, 30.0):
+    cfg.unary_power = power
+    agreement[power] = np.mean(infer.dense_crf_labels(image, S, cfg) == argmax)
+  assert agreement[30.0] > agreement[1.0] + 0.2
+
+
+def test_unknown_method_names_the_config_field():
+  with pytest.raises(InputError, match='config.infer.method'):
+    infer.labels_from_maps(None, np.ones((2, 2, 2)), types.SimpleNamespace(method='median'))
