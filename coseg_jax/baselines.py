@@ -6,8 +6,9 @@ this baseline with `metrics.score_group(..., fixed_background=False)`.
 """
 import jax
 import numpy as np
-from PIL import Image
 from scipy.cluster import vq
+
+from coseg_jax import data
 
 # Independent k-means++ starts; the one of lowest inertia is kept.
 _RESTARTS = 4
@@ -40,24 +41,16 @@ def cluster_group(dense_feats_list, num_clusters, seed):
 def soft_maps(labels_hxw, num_labels, out_hw):
   """One-hot labels upsampled bilinearly to `out_hw`: HxWxL maps that sum to 1 per pixel."""
   one_hot_hxwxL = np.eye(num_labels, dtype=np.float32)[labels_hxw]
-  return np.asarray(jax.image.resize(one_hot_hxwxL, (*out_hw, num_labels), 'bilinear'))
+  return data.resize_probs(one_hot_hxwxL, out_hw)
 
 
-def _resize01(image_HxWx3, image_size):
-  """uint8 RGB at any size -> float32 [0, 1] at image_size x image_size (aspect not kept)."""
-  resized = Image.fromarray(image_HxWx3).resize((image_size, image_size), Image.BILINEAR)
-  return np.asarray(resized, np.float32) / 255.0
-
-
-def cluster_baseline(backbone, variables, images_uint8_list, image_size, num_classes, seed, tap):
+def cluster_baseline(backbone, variables, images_NxSxSx3, out_shapes, num_classes, seed, tap):
   """The §6a baseline for one group: HxWx(K+1) soft maps at each image's original size.
 
-  `backbone.apply(variables, x01_BxSxSx3, taps=(tap,))[tap]` gives the dense features;
-  each image is resized to image_size x image_size as for the method itself.
+  `images_NxSxSx3` is the network input the method itself sees (data.resize_batch);
+  `backbone.apply(variables, x01_BxSxSx3, taps=(tap,))[tap]` gives the dense features.
   """
   extract = jax.jit(lambda v, x: backbone.apply(v, x, taps=(tap,))[tap])
-  feats = [np.asarray(extract(variables, _resize01(image, image_size)[None]))[0]
-           for image in images_uint8_list]
+  feats = [np.asarray(extract(variables, image[None]))[0] for image in images_NxSxSx3]
   labels = cluster_group(feats, num_classes + 1, seed)
-  return [soft_maps(l, num_classes + 1, image.shape[:2])
-          for l, image in zip(labels, images_uint8_list)]
+  return [soft_maps(l, num_classes + 1, hw) for l, hw in zip(labels, out_shapes)]

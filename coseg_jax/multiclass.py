@@ -91,7 +91,7 @@ def segment_group(config, group, encoder, encoder_vars, extractor, extractor_var
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
   if config.baseline == 'cluster':
     return baselines.cluster_baseline(
-        extractor, extractor_vars, [s.image for s in group.samples], config.data.image_size,
+        extractor, extractor_vars, images, [s.image.shape[:2] for s in group.samples],
         config.num_classes, config.seed, tap=EXTRACTOR_TAPS[extractor.name])
   gen = build_generator(config, encoder)
   params = init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
@@ -104,7 +104,7 @@ def segment_group(config, group, encoder, encoder_vars, extractor, extractor_var
       log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet,
       desc=f'train {group.name}')
   maps = predict(gen, params, images, config.data.batch_size)
-  return [data.resize_maps(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
+  return [data.resize_probs(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
 
 
 def run(config, workdir):

@@ -2,7 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 from skimage import transform
 
-from coseg_jax import baselines, metrics
+from coseg_jax import baselines
+from coseg_jax import data, metrics
 
 
 def _separated_features(seed):
@@ -63,8 +64,9 @@ def test_cluster_baseline_segments_colour_regions_at_original_size():
   images, truths = [p[0] for p in pairs], [p[1] for p in pairs]
   backbone = _FakeBackbone()
   variables = {'embed': jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)}
-  maps = baselines.cluster_baseline(backbone, variables, images, image_size=32, num_classes=2,
-                                    seed=0, tap='feat')
+  maps = baselines.cluster_baseline(backbone, variables, data.resize_batch(images, 32),
+                                    [im.shape[:2] for im in images], num_classes=2, seed=0,
+                                    tap='feat')
   assert backbone.seen == [((1, 32, 32, 3), ('feat',))]  # traced once: no recompilation
   assert [m.shape for m in maps] == [(*im.shape[:2], 3) for im in images]
   for m in maps:
