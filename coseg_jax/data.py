@@ -7,6 +7,7 @@ Layouts understood by `find_groups` and `load_group`:
   (single channel: 0 background, 1..K classes, 255 ignore; palette PNGs are read as
   indices) and optional `instances/<stem>_<id>.png` (one binary mask per instance;
   any non-zero pixel is foreground). With `masks/`, every image needs its mask.
+  An optional `classes.txt` names classes 1..K, one per line (legends, metrics).
 * Folder of groups: every non-hidden subfolder is a group folder.
 * PASCAL VOC root (`JPEGImages/`, optional `SegmentationClass/` and
   `SegmentationObject/`): each list file `ImageSets/Segmentation/<name>.txt` is one
@@ -274,7 +275,18 @@ def _load_folder(path, num_classes, need, min_images):
     if has_instances:
       sample.instances = [_read_binary(p, image_path, image) for p in instance_files[stem]]
     samples.append(sample)
-  return Group(group_name(path), path, samples)
+  return Group(group_name(path), path, samples, _class_names(path))
+
+
+def _class_names(path):
+  names_path = os.path.join(path, 'classes.txt')
+  if not os.path.isfile(names_path):
+    return ()
+  try:
+    with open(names_path, encoding='utf-8') as f:
+      return tuple(line.strip() for line in f if line.strip())
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f'{names_path}: unreadable ({e})') from None
 
 
 def _voc_list_files(root):

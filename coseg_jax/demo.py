@@ -21,7 +21,7 @@ from coseg_jax import fileio
 from coseg_jax import visualize
 from coseg_jax.errors import InputError
 
-_VERSION = 1
+_VERSION = 2
 _MANIFEST = 'demo.json'
 
 
@@ -70,6 +70,7 @@ def make_multiclass_demo(out_dir, num_classes, *, num_images=6, size=256, seed=0
     for stem, image, labels in render_multiclass(num_classes, num_images=num_images, size=size, seed=seed):
       files[f'images/{stem}.png'] = (fileio.save_png, image)
       files[f'masks/{stem}.png'] = (visualize.save_label_png, labels)
+    files['classes.txt'] = (fileio.atomic_write_text, '\n'.join(multiclass_names(num_classes)) + '\n')
     return files
 
   return _materialise(os.path.join(out_dir, '_'.join(multiclass_names(num_classes))), params, render)

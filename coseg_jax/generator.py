@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coseg_jax import attention
 from coseg_jax import weights
+from coseg_jax.attention import AttentionModule, AttentionSpec
 
 # Deepest stride-16 map of each encoder: finer than stride 32 for masks, still small
 # enough for M x M attention (24 x 24 at 384 input).
@@ -22,7 +22,7 @@ class GeneratorSpec:
   num_classes: int                 # K foreground classes; the output has K + 1 channels
   preprocessing: str               # matches the encoder's weight source ('caffe' | 'imagenet')
   tap: str                         # encoder feature the attention module works on
-  attention: attention.AttentionSpec = attention.AttentionSpec()
+  attention: AttentionSpec = AttentionSpec()
 
 
 class Generator(nn.Module):
@@ -33,7 +33,7 @@ class Generator(nn.Module):
   def __call__(self, x01_BxHxWx3):
     b, h, w, _ = x01_BxHxWx3.shape
     feat_BxhxwxC = self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))[self.spec.tap]
-    feat_BxhxwxC = attention.AttentionModule(self.spec.attention, name='attention')(feat_BxhxwxC)
+    feat_BxhxwxC = AttentionModule(self.spec.attention, name='attention')(feat_BxhxwxC)
     logits_Bxhxwx1K = nn.Conv(self.spec.num_classes + 1, (1, 1), name='classifier')(feat_BxhxwxC)
     logits_BxHxWx1K = jax.image.resize(
         logits_Bxhxwx1K, (b, h, w, self.spec.num_classes + 1), method='bilinear')

@@ -3,7 +3,10 @@ import logging
 import os
 import sys
 
+from absl import logging as absl_logging
+
 from coseg_jax import fileio
+from coseg_jax import train
 from coseg_jax.errors import DivergedError, InputError
 
 log = logging.getLogger('coseg_jax')
@@ -24,6 +27,8 @@ def _prepare_workdir(workdir):
 
 
 def _setup_logging(workdir):
+  # orbax and jax log every checkpoint step at INFO through absl; keep the console readable.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   log.setLevel(logging.INFO)
   for h in list(log.handlers):
     log.removeHandler(h)
@@ -40,6 +45,7 @@ def run(config, workdir):
   """Runs the experiment `config` into `workdir`; returns the metrics dict."""
   _prepare_workdir(workdir)
   _setup_logging(workdir)
+  train.initialize_distributed(config.distributed)
   fileio.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2) + '\n')
   if config.method == 'multiclass':
     from coseg_jax import multiclass

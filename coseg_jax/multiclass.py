@@ -163,13 +163,13 @@ def _write_group_images(group, labels, scores, group_dir):
   if scores is not None:
     mapping = np.asarray(scores['mapping'], np.uint8)
     labels = [mapping[l] for l in labels]
-  rows, titles = [], []
+  names = group.class_names
+  rows = []
   for s, lab in zip(group.samples, labels):
     visualize.save_label_png(os.path.join(group_dir, 'labels', f'{s.stem}.png'), lab)
-    over = visualize.overlay(s.image, lab)
+    over = visualize.overlay(s.image, lab, names=names)
     fileio.save_png(os.path.join(group_dir, 'overlays', f'{s.stem}.png'), over)
-    row = [s.image] + ([visualize.overlay(s.image, s.mask)] if s.mask is not None else []) + [over]
-    rows.append(row)
-    titles.append(s.stem)
-  fileio.save_png(os.path.join(group_dir, 'contact_sheet.png'),
-                  visualize.contact_sheet(rows, titles=titles))
+    truth = None if s.mask is None else visualize.overlay(s.image, s.mask, names=names)
+    rows.append([s.image, truth, over])
+  fileio.save_png(os.path.join(group_dir, 'contact_sheet.png'), visualize.contact_sheet(
+      rows, titles=('input', 'ground truth', 'prediction'), row_names=[s.stem for s in group.samples]))

@@ -103,3 +103,9 @@ def test_existing_demo_is_reused_and_repaired(tmp_path):
 def test_unsupported_class_count(tmp_path, num_classes):
   with pytest.raises(InputError, match='config.num_classes'):
     demo.make_multiclass_demo(str(tmp_path), num_classes)
+
+
+def test_demo_group_names_its_classes(tmp_path):
+  from coseg_jax import data
+  group = data.load_group(demo.make_multiclass_demo(str(tmp_path), 2), num_classes=2)
+  assert group.class_names == demo.multiclass_names(2) == ('cat', 'cup')
