@@ -5,6 +5,11 @@ batches have a fixed shape (the last batch of an epoch wraps around to the start
 that epoch's permutation), and the frozen backbone is an argument, not a constant.
 The data order depends only on (seed, epoch), so a run resumed from step s replays
 exactly the batches an uninterrupted run would have seen.
+
+Data parallelism: the mini-batch is split over a ('data', 'replica') mesh of all
+devices (every process's, after `initialize_distributed`); params, optimizer state and
+the frozen tree are replicated. GSPMD inserts the gathers that mutual attention needs
+(it pairs every image with the whole mini-batch) and the gradient all-reduce.
 """
 import dataclasses
 import functools
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from coseg_jax import progress
 from coseg_jax.errors import DivergedError
@@ -77,6 +83,56 @@ def train_step(loss_fn, optimizer, state, frozen, batch):
   return new_state, loss, aux
 
 
+def initialize_distributed(cfg):
+  """Joins a multi-process run when `cfg.coordinator_address` is set (config.distributed).
+
+  Must run before anything touches devices. Unset num_processes / process_id are left
+  to JAX, which reads them from the cluster environment (SLURM, Cloud TPU, ...).
+  """
+  if cfg.coordinator_address is None:
+    return
+  jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                             num_processes=cfg.num_processes, process_id=cfg.process_id)
+  log.info('distributed: process %d of %d, %d devices in total', jax.process_index(),
+           jax.process_count(), jax.device_count())
+
+
+def data_mesh(batch_size, devices=None):
+  """A ('data', 'replica') mesh over `devices` (default: every device of every process).
+
+  The batch is split over gcd(batch_size, #devices) devices so that all shards have the
+  same size; the rest of the factor holds replicas that repeat the same computation
+  (e.g. the thesis' batch of 3 on 4 devices is not split at all).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  split = math.gcd(batch_size, len(devices))
+  return jax.make_mesh((split, len(devices) // split), ('data', 'replica'),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def put(tree, mesh, spec=PartitionSpec()):
+  """Places `tree` on `mesh` (replicated by default; PartitionSpec('data') splits axis 0).
+
+  Every process holds the same full values (same data, same seed) and supplies only its
+  own devices' shards, so this also works across hosts without a transfer between them.
+  """
+  sharding = NamedSharding(mesh, spec)
+
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, tree)
+
+
+def jit_step(loss_fn, optimizer, mesh):
+  """`train_step` compiled for `mesh`: batch split over 'data', everything else replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(functools.partial(train_step, loss_fn, optimizer),
+                 in_shardings=(replicated, replicated, NamedSharding(mesh, PartitionSpec('data'))),
+                 out_shardings=replicated, donate_argnums=(0,))
+
+
 class _StopRequested:
   """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is written."""
 
@@ -114,7 +170,7 @@ def _rewrite_log_upto(log_path, last_step):
 
 
 def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, quiet=False,
-        desc='train'):
+        desc='train', devices=None):
   """Trains `params` to minimise `loss_fn(params, frozen, batch) -> (loss, aux)`.
 
   Args:
@@ -124,7 +180,9 @@ def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, q
     data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
     tc: the training hyper-parameters.
     ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
-    log_path: JSONL file, one record per step (step, epoch, loss, aux).
+    log_path: JSONL file, one record per step (step, epoch, loss, aux); written by
+      process 0 only.
+    devices: the devices to train on (default: all, see `data_mesh`).
 
   Returns:
     (params, history) where history is the list of per-step loss records of this call.
@@ -133,7 +191,16 @@ def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, q
   per_epoch = steps_per_epoch(num_items, tc.batch_size)
   total = tc.epochs * per_epoch
   optimizer = make_optimizer(tc)
-  state = {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.zeros((), jnp.int32)}
+  mesh = data_mesh(tc.batch_size, devices)
+  log.info('%s: %d device(s), batch of %d split %d-way', desc, mesh.size, tc.batch_size,
+           mesh.shape['data'])
+  if mesh.shape['replica'] > 1:
+    log.warning('%s: batch size %d is not a multiple of the %d devices; %d replicas repeat '
+                'each shard', desc, tc.batch_size, mesh.size, mesh.shape['replica'])
+  state = put({'params': params, 'opt_state': optimizer.init(params),
+               'step': jnp.zeros((), jnp.int32)}, mesh)
+  frozen = put(frozen, mesh)
+  chief = jax.process_index() == 0
 
   mngr = ocp.CheckpointManager(
       os.path.abspath(ckpt_dir),
@@ -142,18 +209,19 @@ def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, q
   if latest is not None:
     state = mngr.restore(latest, args=ocp.args.StandardRestore(state))
     log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
-    _rewrite_log_upto(log_path, latest)
+    if chief:
+      _rewrite_log_upto(log_path, latest)
   start = int(state['step'])
 
-  step_fn = jax.jit(functools.partial(train_step, loss_fn, optimizer), donate_argnums=(0,))
+  step_fn = jit_step(loss_fn, optimizer, mesh)
   history = []
   running = None
-  with _StopRequested() as stop, open(log_path, 'a') as log_file, \
-      progress.bar(total=total, desc=desc, quiet=quiet) as pbar:
+  with _StopRequested() as stop, open(log_path if chief else os.devnull, 'a') as log_file, \
+      progress.bar(total=total, desc=desc, quiet=quiet or not chief) as pbar:
     pbar.update(start)
     for step in range(start, total):
       idx = batch_indices(num_items, tc.batch_size, tc.seed, step)
-      batch = {k: v[idx] for k, v in data.items()}
+      batch = put({k: v[idx] for k, v in data.items()}, mesh, PartitionSpec('data'))
       state, loss, aux = step_fn(state, frozen, batch)
       loss = float(loss)
       if not math.isfinite(loss):

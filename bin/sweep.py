@@ -1,0 +1,46 @@
+"""Runs a grid of config overrides as separate experiments and tabulates their metrics.
+
+  python bin/sweep.py --config=configs/three_class.py \
+      --grid=model.attention=none,sa,ma,sa_ma --grid=infer.method=argmax,crf \
+      --workdir=runs/ablation [--parallel=2] [--set=data.image_size=128]
+
+Each run is `python bin/run.py` in SWEEP/<name>, e.g. runs/ablation/attention=sa,method=crf.
+Rerunning the same command skips finished runs and resumes interrupted ones. The table
+(rows = runs; columns = grid values, P, J, ...) is printed and written to
+SWEEP/results.md and SWEEP/results.csv.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from coseg_jax import sweep
+
+_CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/*.py).')
+_GRID = flags.DEFINE_multi_string(
+    'grid', [], 'section.field=v1,v2,...: one sweep axis; runs are the product of all axes.')
+_SET = flags.DEFINE_multi_string('set', [], 'section.field=value applied to every run.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Sweep directory; default runs/sweep_<config file name>.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs executed at the same time.')
+_GPUS_PER_RUN = flags.DEFINE_integer(
+    'gpus_per_run', 0, 'Pin each concurrent run to this many GPUs (CUDA_VISIBLE_DEVICES); '
+    '0: every run sees all devices.')
+flags.mark_flags_as_required(['config'])
+
+_RUN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run.py')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', 'sweep_' + os.path.splitext(os.path.basename(_CONFIG.value))[0])
+  sys.exit(sweep.run_cli(_CONFIG.value, _GRID.value, _SET.value, workdir,
+                         [sys.executable, _RUN_PY], parallel=_PARALLEL.value,
+                         gpus_per_run=_GPUS_PER_RUN.value))
+
+
+if __name__ == '__main__':
+  app.run(main)
