@@ -47,6 +47,17 @@ def _output():
   return o
 
 
+def _distributed():
+  d = config_dict.ConfigDict()
+  # Multi-process (multi-host) data parallelism via jax.distributed.initialize: set the
+  # coordinator's host:port on every process. Unset num_processes / process_id are
+  # read from the cluster environment (SLURM, Cloud TPU) by JAX.
+  d.coordinator_address = placeholder(str)
+  d.num_processes = placeholder(int)
+  d.process_id = placeholder(int)
+  return d
+
+
 def multiclass():
   """Defaults of the thesis method (SPEC §3); configs/*.py override a few fields."""
   c = config_dict.ConfigDict()
@@ -77,6 +88,12 @@ def multiclass():
   c.model.attention_reduction = 2
 
   c.loss = config_dict.ConfigDict()
+  # Pooling of f's dense features of each masked image: 'masked' (weighted by the mask;
+  # avoids the trivial optimum of empty masks, BUILD.md) or 'global' (plain GAP, thesis).
+  c.loss.pooling = 'masked'
+  # Mask the images with Eq. 8-normalised maps S / max S, the maps inference labels, so
+  # a faint everywhere channel is not a black image (another trivial optimum, BUILD.md).
+  c.loss.normalize_maps = True
   # Normalisation of f's pooled vectors before the distances: 'l2' or 'none'. Raw
   # 2048-d features make d+ - d- huge and saturate the softplus.
   c.loss.feature_norm = 'l2'
@@ -112,6 +129,7 @@ def multiclass():
   c.infer.crf.unary_power = 1.0
 
   c.output = _output()
+  c.distributed = _distributed()
   return c
 
 
@@ -169,8 +187,11 @@ def instance():
   c.rank.inside_weight = 0.8
   c.rank.background_penalty = 1e-5
   c.rank.nms_iou = 0.4
+  # Width of the contour band (dilation != erosion) of the contour-preserving term.
+  c.rank.contour_width = 5
   # Detections below this percentile of the group's scores are dropped (best per image kept).
   c.rank.drop_percentile = 20.0
 
   c.output = _output()
+  c.distributed = _distributed()
   return c

@@ -3,6 +3,30 @@ import jax
 import jax.numpy as jnp
 
 
+def pool_features(feat_NxhxwxD, masks_NxHxW, mode):
+  """Pools f's dense features of masked images into one vector each.
+
+  'global': plain global average pooling (the thesis). Masked-out pixels are black, so an
+  empty or faint mask yields the feature of a black image for every image, which
+  makes d+ = 0 a trivial optimum. 'masked': average weighted by the mask (area-pooled to
+  the feature grid), so the vector describes the content the mask selects, whatever
+  its size, and empty or uniform masks no longer look alike.
+  """
+  if mode == 'global':
+    return feat_NxhxwxD.mean(axis=(1, 2))
+  if mode != 'masked':
+    raise ValueError(f'pooling {mode!r} not in (masked, global)')
+  n, h, w, _ = feat_NxhxwxD.shape
+  big_h, big_w = masks_NxHxW.shape[1:]
+  # Mask area per feature cell; SAME-padded strided nets have ceil(H / stride) cells,
+  # so pad the mask with zeros up to a whole number of cells.
+  sh, sw = -(-big_h // h), -(-big_w // w)
+  padded = jnp.pad(masks_NxHxW, ((0, 0), (0, h * sh - big_h), (0, w * sw - big_w)))
+  weights_Nxhxw = padded.reshape(n, h, sh, w, sw).mean(axis=(2, 4))
+  return (jnp.einsum('nhw,nhwd->nd', weights_Nxhxw, feat_NxhxwxD)
+          / (weights_Nxhxw.sum(axis=(1, 2))[:, None] + 1e-6))
+
+
 def normalize_features(feat_NxD, mode, scale):
   """'l2': unit vectors times `scale` (squared distances in [0, 4 scale^2]); 'none': raw."""
   if mode == 'l2':

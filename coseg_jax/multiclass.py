@@ -27,21 +27,30 @@ log = logging.getLogger('coseg_jax')
 EXTRACTOR_TAPS = {'resnet50': 'layer4', 'efficientnet_lite0': 'head'}
 
 
+def maps_loss(extractor, loss_cfg, frozen, x_BxHxWx3, maps_BxHxWxK1):
+  """Co-attention loss of co-attention maps: the B*(K+1) masked images (Eq. 1) go
+  through the frozen f as one batch."""
+  b, h, w, k1 = maps_BxHxWxK1.shape
+  masks_BxHxWxK1 = maps_BxHxWxK1
+  if loss_cfg.normalize_maps:
+    masks_BxHxWxK1 = maps_BxHxWxK1 / (maps_BxHxWxK1.max(axis=(1, 2), keepdims=True) + 1e-6)
+  masks_NxHxW = jnp.moveaxis(masks_BxHxWxK1, -1, 1).reshape(b * k1, h, w)
+  masked_NxHxWx3 = jnp.repeat(x_BxHxWx3, k1, axis=0) * masks_NxHxW[..., None]
+  tap = EXTRACTOR_TAPS[extractor.name]
+  feat_NxhxwxD = extractor.apply(frozen, masked_NxHxWx3, taps=(tap,))[tap]
+  pooled_NxD = losses.normalize_features(
+      losses.pool_features(feat_NxhxwxD, masks_NxHxW, loss_cfg.pooling),
+      loss_cfg.feature_norm, loss_cfg.feature_scale)
+  return losses.coattention_loss(pooled_NxD.reshape(b, k1, -1))
+
+
 def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
   """Co-attention loss of one mini-batch; gradients reach the generator only."""
-  x_BxHxWx3 = batch['image']
-  maps_BxHxWxK1 = gen.apply({'params': params}, x_BxHxWx3)
-  b, h, w, k1 = maps_BxHxWxK1.shape
-  # All B*(K+1) masked images go through f as one batch (Eq. 1).
-  masked_BxK1xHxWx3 = x_BxHxWx3[:, None] * jnp.moveaxis(maps_BxHxWxK1, -1, 1)[..., None]
-  tap = EXTRACTOR_TAPS[extractor.name]
-  feat = extractor.apply(frozen, masked_BxK1xHxWx3.reshape(b * k1, h, w, 3), taps=(tap,))[tap]
-  pooled_NxD = losses.normalize_features(feat.mean(axis=(1, 2)), loss_cfg.feature_norm,
-                                         loss_cfg.feature_scale)
-  loss = losses.coattention_loss(pooled_NxD.reshape(b, k1, -1))
+  maps_BxHxWxK1 = gen.apply({'params': params}, batch['image'])
+  loss = maps_loss(extractor, loss_cfg, frozen, batch['image'], maps_BxHxWxK1)
   # Mean soft area per channel: shows collapse (one channel taking everything) in the log.
   area_K1 = maps_BxHxWxK1.mean(axis=(0, 1, 2))
-  return loss, {f'area{i}': area_K1[i] for i in range(k1)}
+  return loss, {f'area{i}': area_K1[i] for i in range(maps_BxHxWxK1.shape[-1])}
 
 
 def build_generator(config, encoder):
@@ -57,8 +66,8 @@ def build_generator(config, encoder):
 
 def init_params(gen, encoder_vars, image_size, batch_size, seed):
   x = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
-  params = gen.init(jax.random.PRNGKey(seed), x)['params']
-  params = dict(params)
+  # Eager init of the encoder takes tens of seconds on CPU; jitted it is one compile.
+  params = dict(jax.jit(gen.init)(jax.random.PRNGKey(seed), x)['params'])
   params['encoder'] = weights.merge_params(params['encoder'], encoder_vars['params'],
                                            what='generator encoder')
   return params

@@ -69,3 +69,12 @@ def test_lower_when_same_class_covers_same_content():
   good = losses.coattention_loss(jnp.stack(consistent))
   bad = losses.coattention_loss(jnp.stack(swapped))
   assert good < bad - 0.1
+
+
+def test_masked_pooling_is_mask_weighted_average():
+  feat = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 5))
+  masks = jnp.zeros((2, 16, 16)).at[:, :8, :8].set(1.0)   # top-left quarter
+  pooled = losses.pool_features(feat, masks, 'masked')
+  np.testing.assert_allclose(pooled, feat[:, :2, :2].mean((1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses.pool_features(feat, masks, 'global'), feat.mean((1, 2)),
+                             rtol=1e-6)
