@@ -106,6 +106,9 @@ def multiclass():
   c.train.learning_rate = 1e-5
   # Coupled L2 (added to the gradient before Adam), as in PyTorch's Adam.
   c.train.weight_decay = 5e-4
+  # Learning-rate multiplier for the layers trained from scratch (attention, classifier,
+  # saliency head) relative to the ImageNet-initialised backbone.
+  c.train.head_lr_mult = 1.0
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8
@@ -170,6 +173,9 @@ def instance():
   c.train.epochs = 40
   c.train.learning_rate = 1e-6
   c.train.weight_decay = 5e-4
+  # Learning-rate multiplier for the layers trained from scratch (attention, classifier,
+  # saliency head) relative to the ImageNet-initialised backbone.
+  c.train.head_lr_mult = 1.0
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8

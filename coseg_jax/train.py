@@ -44,6 +44,7 @@ class TrainConfig:
   checkpoint_every: int = 50
   max_checkpoints: int = 2
   seed: int = 0
+  head_lr_mult: float = 1.0
 
   @classmethod
   def from_config(cls, config):
@@ -51,16 +52,27 @@ class TrainConfig:
     return cls(epochs=t.epochs, batch_size=config.data.batch_size, learning_rate=t.learning_rate,
                weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
                checkpoint_every=t.checkpoint_every, max_checkpoints=t.max_checkpoints,
-               seed=config.seed)
+               seed=config.seed, head_lr_mult=t.head_lr_mult)
+
+
+# Top-level parameter subtrees initialised from ImageNet weights; everything else
+# (attention, classifier, saliency head) starts from scratch and gets head_lr_mult.
+PRETRAINED = ('encoder', 'backbone')
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
   # PyTorch's Adam(weight_decay=...) adds wd * w to the gradient before the moment
   # estimates (coupled L2), unlike AdamW; the papers trained with the former.
-  return optax.chain(
+  adam = optax.chain(
       optax.add_decayed_weights(tc.weight_decay),
       optax.scale_by_adam(b1=tc.b1, b2=tc.b2, eps=tc.eps),
       optax.scale(-tc.learning_rate))
+  if tc.head_lr_mult == 1.0:
+    return adam
+  return optax.chain(adam, optax.multi_transform(
+      {'pretrained': optax.identity(), 'head': optax.scale(tc.head_lr_mult)},
+      lambda params: {k: jax.tree.map(lambda _: 'pretrained' if k in PRETRAINED else 'head', v)
+                      for k, v in params.items()}))
 
 
 def steps_per_epoch(num_items, batch_size):

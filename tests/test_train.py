@@ -108,3 +108,14 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
 
   with pytest.raises(DivergedError, match='loss is nan at step 2'):
     _fit(tmp_path, bad_loss)
+
+
+def test_head_lr_mult_scales_only_layers_trained_from_scratch():
+  tc = train.TrainConfig(epochs=1, batch_size=1, learning_rate=0.1, weight_decay=0.0,
+                         head_lr_mult=10.0)
+  opt = train.make_optimizer(tc)
+  p = {'encoder': {'w': jnp.array([1.0])}, 'classifier': {'w': jnp.array([1.0])}}
+  g = jax.tree.map(lambda x: jnp.array([0.5]), p)
+  upd, _ = opt.update(g, opt.init(p), p)
+  np.testing.assert_allclose(upd['encoder']['w'], [-0.1], rtol=1e-5)
+  np.testing.assert_allclose(upd['classifier']['w'], [-1.0], rtol=1e-5)
