@@ -1,8 +1,8 @@
 """Training-free clustering baseline (SPEC §6a).
 
 k-means of the frozen extractor's dense features into K+1 clusters over the whole group.
-Cluster ids are arbitrary (none of them is known to be background), so the pipeline scores
-this baseline with `metrics.score_group(..., fixed_background=False)`.
+Cluster ids are arbitrary; like the method's channels, they go through
+`infer.background_by_border` before scoring, so both name their background the same way.
 """
 import jax
 import numpy as np

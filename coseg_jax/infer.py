@@ -56,3 +56,21 @@ def labels_from_maps(image_HxWx3, S_HxWxK1, infer_cfg):
   if infer_cfg.method == 'crf':
     return dense_crf_labels(image_HxWx3, S, infer_cfg.crf)
   raise InputError(f'config.infer.method: unknown method {infer_cfg.method!r} (argmax | crf)')
+
+
+def background_by_border(labels_list, num_labels):
+  """Relabels a group so that label 0 is the label covering most of the image borders.
+
+  The co-attention loss constrains only the foreground channels across images, so which
+  region the background channel takes is learned, not imposed (BUILD.md); clusters have
+  no background at all. Objects rarely fill the frame, so the label that owns most
+  border pixels over the whole group is taken as background, without ground truth.
+  """
+  counts = np.zeros(num_labels, np.int64)
+  for labels in labels_list:
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    counts += np.bincount(border, minlength=num_labels)[:num_labels]
+  bg = int(np.argmax(counts))
+  swap = np.arange(num_labels, dtype=np.uint8)
+  swap[[0, bg]] = swap[[bg, 0]]
+  return [swap[labels] for labels in labels_list]

@@ -143,12 +143,13 @@ def run(config, workdir):
     log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
              method, config.infer.method)
     maps = segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir)
-    labels = [infer.labels_from_maps(s.image, m, config.infer) for s, m in zip(group.samples, maps)]
+    labels = infer.background_by_border(
+        [infer.labels_from_maps(s.image, m, config.infer) for s, m in zip(group.samples, maps)],
+        k + 1)
     scores = None
     if all(s.mask is not None for s in group.samples):
       scores = metrics.score_group(labels, [s.mask for s in group.samples], k,
-                                   fixed_background=config.baseline == 'none',
-                                   names=[s.stem for s in group.samples])
+                                   fixed_background=True, names=[s.stem for s in group.samples])
       results[group.name] = scores
     if config.output.images:
       _write_group_images(group, labels, scores, group_dir)

@@ -79,3 +79,18 @@ def test_crf_unary_power_sharpens_the_unary():
 def test_unknown_method_names_the_config_field():
   with pytest.raises(InputError, match='config.infer.method'):
     infer.labels_from_maps(None, np.ones((2, 2, 2)), types.SimpleNamespace(method='median'))
+
+
+def test_background_by_border_swaps_in_the_label_owning_the_borders():
+  a = np.full((6, 6), 2, np.uint8)
+  a[2:4, 2:4] = 0                     # label 0 inside, label 2 around
+  b = np.full((5, 7), 2, np.uint8)
+  b[1:3, 1:4] = 1
+  b[3:5, 4:7] = 0                     # label 0 touches the border a little
+  out = infer.background_by_border([a, b], 3)
+  assert (out[0][2:4, 2:4] == 2).all() and out[0][0, 0] == 0
+  assert (out[1][1:3, 1:4] == 1).all() and (out[1][3:5, 4:7] == 2).all()
+  # Already background on the border: unchanged.
+  same = infer.background_by_border(out, 3)
+  for x, y in zip(same, out):
+    np.testing.assert_array_equal(x, y)
