@@ -95,6 +95,37 @@ def _group_paths(config, workdir):
   return data.find_groups(config.data.root, config.data.groups)
 
 
+def train_generator(config, gen, params, images, extractor, extractor_vars, group_dir, desc):
+  """Trains one group's generator (resuming from group_dir/checkpoints)."""
+  params, _ = train.fit(
+      functools.partial(loss_fn, gen, extractor, config.loss), params, extractor_vars,
+      {'image': images}, train.TrainConfig.from_config(config),
+      ckpt_dir=os.path.join(group_dir, 'checkpoints'),
+      log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet, desc=desc)
+  return params
+
+
+def group_maps(config, gen, params, images, group):
+  """Co-attention maps of every image of `group`, resized to its original size."""
+  maps = predict(gen, params, images, config.data.batch_size)
+  return [data.resize_probs(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
+
+
+def label_group(config, group, maps):
+  """Eq. 8 + argmax or CRF per image, then label 0 = the group's background."""
+  return infer.background_by_border(
+      [infer.labels_from_maps(s.image, m, config.infer) for s, m in zip(group.samples, maps)],
+      config.num_classes + 1)
+
+
+def score(config, group, labels):
+  """P/J of the group, or None without ground-truth masks."""
+  if any(s.mask is None for s in group.samples):
+    return None
+  return metrics.score_group(labels, [s.mask for s in group.samples], config.num_classes,
+                             fixed_background=True, names=[s.stem for s in group.samples])
+
+
 def segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir):
   """Soft maps (HxWx(K+1), original size) for every image of `group`."""
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
@@ -105,15 +136,9 @@ def segment_group(config, group, encoder, encoder_vars, extractor, extractor_var
   gen = build_generator(config, encoder)
   params = init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
                        config.seed)
-  tc = train.TrainConfig.from_config(config)
-  step_loss = functools.partial(loss_fn, gen, extractor, config.loss)
-  params, _ = train.fit(
-      step_loss, params, extractor_vars, {'image': images}, tc,
-      ckpt_dir=os.path.join(group_dir, 'checkpoints'),
-      log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet,
-      desc=f'train {group.name}')
-  maps = predict(gen, params, images, config.data.batch_size)
-  return [data.resize_probs(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
+  params = train_generator(config, gen, params, images, extractor, extractor_vars, group_dir,
+                           desc=f'train {group.name}')
+  return group_maps(config, gen, params, images, group)
 
 
 def run(config, workdir):
@@ -143,13 +168,9 @@ def run(config, workdir):
     log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
              method, config.infer.method)
     maps = segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir)
-    labels = infer.background_by_border(
-        [infer.labels_from_maps(s.image, m, config.infer) for s, m in zip(group.samples, maps)],
-        k + 1)
-    scores = None
-    if all(s.mask is not None for s in group.samples):
-      scores = metrics.score_group(labels, [s.mask for s in group.samples], k,
-                                   fixed_background=True, names=[s.stem for s in group.samples])
+    labels = label_group(config, group, maps)
+    scores = score(config, group, labels)
+    if scores is not None:
       results[group.name] = scores
     if config.output.images:
       _write_group_images(group, labels, scores, group_dir)
