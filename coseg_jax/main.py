@@ -1,15 +1,20 @@
 """Library entry point behind bin/run.py: work directory, log, dispatch, exit codes."""
 import logging
 import os
+import signal
 import sys
 
 from absl import logging as absl_logging
 
 from coseg_jax import fileio
+from coseg_jax import report
 from coseg_jax import train
 from coseg_jax.errors import DivergedError, InputError
 
 log = logging.getLogger('coseg_jax')
+
+# Every backbone has stride 32: smaller inputs have no feature map to speak of.
+MIN_IMAGE_SIZE = 32
 
 
 def _prepare_workdir(workdir):
@@ -41,23 +46,47 @@ def _setup_logging(workdir):
   log.propagate = False
 
 
+def _check_shared(config):
+  """Fields every method reads, checked before anything is written; each method's run
+  checks its own fields."""
+  if config.data.image_size < MIN_IMAGE_SIZE:
+    raise InputError(f'config.data.image_size: must be at least {MIN_IMAGE_SIZE} (the backbones '
+                     f'downsample {MIN_IMAGE_SIZE}x), got {config.data.image_size}')
+  if config.data.batch_size < 1:
+    raise InputError(f'config.data.batch_size: must be at least 1, got {config.data.batch_size}')
+
+
 def run(config, workdir):
   """Runs the experiment `config` into `workdir`; returns the metrics dict."""
+  _check_shared(config)
   _prepare_workdir(workdir)
   _setup_logging(workdir)
   train.initialize_distributed(config.distributed)
   fileio.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2) + '\n')
   if config.method == 'multiclass':
     from coseg_jax import multiclass
-    return multiclass.run(config, workdir)
-  if config.method == 'instance':
+    metrics = multiclass.run(config, workdir)
+  elif config.method == 'instance':
     from coseg_jax import instance
-    return instance.run(config, workdir)
-  raise InputError(f'config.method: unknown method {config.method!r} (multiclass | instance)')
+    metrics = instance.run(config, workdir)
+  else:
+    raise InputError(f'config.method: unknown method {config.method!r} (multiclass | instance)')
+  log.info('report: %s', report.write(workdir))
+  return metrics
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 def run_cli(config, workdir) -> int:
-  """`run` with user errors as one line on stderr and exit status 2."""
+  """`run` with user errors as one line on stderr and exit status 2.
+
+  SIGTERM stops the run like SIGINT (the trainer checkpoints first; elsewhere the atomic
+  writers leave no partial file) instead of killing it without a word.
+  """
+  old_handler = signal.signal(signal.SIGTERM, _interrupt)
   try:
     run(config, workdir)
   except InputError as e:
@@ -69,4 +98,6 @@ def run_cli(config, workdir) -> int:
   except KeyboardInterrupt:
     print('interrupted; rerun the same command to resume from the last checkpoint', file=sys.stderr)
     return 130
+  finally:
+    signal.signal(signal.SIGTERM, old_handler)
   return 0
