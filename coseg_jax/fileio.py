@@ -14,6 +14,10 @@ def atomic_write_bytes(path, data: bytes):
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+    # mkstemp makes 0600 files; outputs get the permissions a plain open() would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

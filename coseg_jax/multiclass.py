@@ -16,6 +16,7 @@ from coseg_jax import generator
 from coseg_jax import infer
 from coseg_jax import losses
 from coseg_jax import metrics
+from coseg_jax import progress
 from coseg_jax import train
 from coseg_jax import visualize
 from coseg_jax import weights
@@ -113,9 +114,10 @@ def group_maps(config, gen, params, images, group):
 
 def label_group(config, group, maps):
   """Eq. 8 + argmax or CRF per image, then label 0 = the group's background."""
+  pairs = progress.bar(zip(group.samples, maps), total=len(maps), desc=f'infer {group.name}',
+                       quiet=config.output.quiet)
   return infer.background_by_border(
-      [infer.labels_from_maps(s.image, m, config.infer) for s, m in zip(group.samples, maps)],
-      config.num_classes + 1)
+      [infer.labels_from_maps(s.image, m, config.infer) for s, m in pairs], config.num_classes + 1)
 
 
 def score(config, group, labels):
@@ -141,16 +143,33 @@ def segment_group(config, group, encoder, encoder_vars, extractor, extractor_var
   return group_maps(config, gen, params, images, group)
 
 
+def _one_of(field, value, allowed):
+  if value not in allowed:
+    raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')
+
+
+def _check_config(config):
+  """Everything that would otherwise fail only after a group has trained."""
+  if config.num_classes < 1:
+    raise InputError(f'config.num_classes: K must be at least 1, got {config.num_classes}')
+  _one_of('baseline', config.baseline, ('none', 'cluster'))
+  _one_of('model.attention', config.model.attention, attention.MODES)
+  _one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
+  _one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
+  _one_of('infer.method', config.infer.method, ('argmax', 'crf'))
+  if config.data.batch_size < 2:
+    # The co-attention loss compares pairs of images (and mutual attention needs them).
+    raise InputError(f'config.data.batch_size: the co-attention loss needs at least 2 images '
+                     f'per mini-batch, got {config.data.batch_size}')
+
+
 def run(config, workdir):
+  _check_config(config)
   k = config.num_classes
-  if k < 1:
-    raise InputError(f'config.num_classes: K must be at least 1, got {k}')
-  if config.baseline not in ('none', 'cluster'):
-    raise InputError(f'config.baseline: {config.baseline!r} is not one of none | cluster')
-  if config.model.attention not in attention.MODES:
-    raise InputError(f'config.model.attention: {config.model.attention!r} is not one of '
-                     f'{" | ".join(attention.MODES)}')
-  group_paths = _group_paths(config, workdir)
+  # Every group is read and validated before anything trains: a bad file in the last
+  # group must not cost the training of the first ones.
+  groups = [data.load_group(path, num_classes=k, min_images=config.data.batch_size)
+            for path in _group_paths(config, workdir)]
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
@@ -162,8 +181,7 @@ def run(config, workdir):
   method = 'clustering baseline' if config.baseline == 'cluster' else f'co-attention ({config.model.attention})'
 
   results = {}
-  for path in group_paths:
-    group = data.load_group(path, num_classes=k, min_images=config.data.batch_size)
+  for group in groups:
     group_dir = os.path.join(workdir, group.name)
     log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
              method, config.infer.method)

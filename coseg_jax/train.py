@@ -26,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from coseg_jax import fileio
 from coseg_jax import progress
 from coseg_jax.errors import DivergedError
 
@@ -172,13 +173,19 @@ class _StopRequested:
 
 
 def _rewrite_log_upto(log_path, last_step):
-  """Drops records after `last_step`, so a resumed run's log has no duplicate steps."""
+  """Drops records after `last_step` (and a line cut short by a kill), so a resumed
+  run's log has no duplicate or broken steps."""
   if not os.path.exists(log_path):
     return
+  keep = []
   with open(log_path) as f:
-    keep = [l for l in f if l.strip() and json.loads(l)['step'] <= last_step]
-  with open(log_path, 'w') as f:
-    f.writelines(keep)
+    for line in f:
+      try:
+        if json.loads(line)['step'] <= last_step:
+          keep.append(line)
+      except (ValueError, KeyError):
+        pass
+  fileio.atomic_write_text(log_path, ''.join(keep))
 
 
 def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, quiet=False,

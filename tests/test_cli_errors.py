@@ -143,6 +143,21 @@ def _zero_batch(tmp):
   return g, {'data.batch_size': 0}, 'config.data.batch_size', 'at least 1'
 
 
+def _single_image_batch(tmp):
+  g = _group(os.path.join(tmp, 'grp'))
+  return g, {'data.batch_size': 1}, 'config.data.batch_size', 'at least 2 images'
+
+
+def _unknown_pooling(tmp):
+  g = _group(os.path.join(tmp, 'grp'))
+  return g, {'loss.pooling': 'max'}, 'config.loss.pooling', 'not one of masked | global'
+
+
+def _unknown_inference(tmp):
+  g = _group(os.path.join(tmp, 'grp'))
+  return g, {'infer.method': 'mrf'}, 'config.infer.method', 'not one of argmax | crf'
+
+
 def _empty_root(tmp):
   root = os.path.join(tmp, 'empty')
   os.makedirs(root)
@@ -173,6 +188,9 @@ DATA_CASES = [
     pytest.param(_too_few_images, id='too_few_images'),
     pytest.param(_zero_classes, id='zero_classes'),
     pytest.param(_tiny_images, id='tiny_images'),
+    pytest.param(_single_image_batch, id='single_image_batch'),
+    pytest.param(_unknown_pooling, id='unknown_pooling'),
+    pytest.param(_unknown_inference, id='unknown_inference'),
     pytest.param(_zero_batch, id='zero_batch'),
     pytest.param(_empty_root, id='empty_root'),
     pytest.param(_empty_images, id='empty_images'),
@@ -246,9 +264,6 @@ def test_instance_bad_input(tmp_path, capsys, no_model, num_images, bad, reason)
   assert _digests(workdir, before) == before
 
 
-@pytest.mark.xfail(strict=True, reason='multiclass.run (and instance.run) load each group '
-                   'inside the loop that trains the groups one by one, so a bad file in a '
-                   'later group is found only after the earlier groups were trained')
 def test_bad_file_in_a_later_group_is_reported_before_training(tmp_path, capsys, no_model):
   _group(str(tmp_path / 'data' / 'a_good'))
   bad = os.path.join(_group(str(tmp_path / 'data' / 'b_bad')), 'images', 'img1.png')
