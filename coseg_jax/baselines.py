@@ -16,26 +16,34 @@ _RESTARTS = 4
 _ITERATIONS = 30
 
 
-def cluster_group(dense_feats_list, num_clusters, seed):
-  """k-means over all pixels of a group; returns one uint8 hxw cluster map per image.
+def _unit(x_NxC):
+  return x_NxC / np.maximum(np.linalg.norm(x_NxC, axis=1, keepdims=True), 1e-12)
+
+
+def kmeans_group(dense_feats_list, num_clusters, seed):
+  """k-means over all pixels of a group: (unit centroids KxC, one uint8 hxw map per image).
 
   Features (hxwxC each) are L2-normalised per pixel so that clusters follow the feature
   direction, not the activation magnitude. Deterministic for a given seed.
   """
   feats = [np.asarray(f, np.float32) for f in dense_feats_list]
-  x_NxC = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
-  x_NxC /= np.maximum(np.linalg.norm(x_NxC, axis=1, keepdims=True), 1e-12)
+  x_NxC = _unit(np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats]))
   rng = np.random.default_rng(seed)
-  best_inertia, best_labels = np.inf, None
+  best_inertia, best = np.inf, None
   for _ in range(_RESTARTS):
     centers_KxC, labels_N = vq.kmeans2(x_NxC, num_clusters, iter=_ITERATIONS, minit='++',
                                        rng=rng)
     inertia = float(((x_NxC - centers_KxC[labels_N]) ** 2).sum())
     if inertia < best_inertia:
-      best_inertia, best_labels = inertia, labels_N
+      best_inertia, best = inertia, (centers_KxC, labels_N)
   splits = np.cumsum([f.shape[0] * f.shape[1] for f in feats])[:-1]
-  return [labels.reshape(f.shape[:2]).astype(np.uint8)
-          for labels, f in zip(np.split(best_labels, splits), feats)]
+  return _unit(best[0]), [labels.reshape(f.shape[:2]).astype(np.uint8)
+                          for labels, f in zip(np.split(best[1], splits), feats)]
+
+
+def cluster_group(dense_feats_list, num_clusters, seed):
+  """The cluster maps of `kmeans_group`."""
+  return kmeans_group(dense_feats_list, num_clusters, seed)[1]
 
 
 def soft_maps(labels_hxw, num_labels, out_hw):

@@ -78,6 +78,12 @@ def multiclass():
   # Frozen extractor f: 'auto' (resnet50 if found, else efficientnet_lite0), 'resnet50'
   # (the thesis) or 'efficientnet_lite0'.
   c.model.extractor = 'auto'
+  # Encoder feature the attention and classifier work on: 'auto' (conv5_3 for vgg16, the
+  # 1280-d head for efficientnet_lite0) or any tap of the encoder (e.g. stride16).
+  c.model.encoder_tap = 'auto'
+  # 1x1 classifier initialisation: 'random' (lecun normal) or 'cluster' (k-means
+  # centroids of the group's encoder features, border cluster as background; BUILD.md).
+  c.model.classifier_init = 'cluster'
   # Attention on the deepest encoder map: 'none' | 'sa' | 'ma' | 'sa_ma' (Tables 3-4).
   c.model.attention = 'sa_ma'
   # Mutual attention squashes column sums v of the row-softmax with sigmoid(v * M**-p);

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from coseg_jax import weights
 from coseg_jax.attention import AttentionModule, AttentionSpec
 
-# Deepest stride-16 map of each encoder: finer than stride 32 for masks, still small
-# enough for M x M attention (24 x 24 at 384 input).
-ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'stride16'}
+# The deepest feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
+# thesis' FCN; EfficientNet-Lite0's 1280-d head (stride 32), whose semantics the
+# stride-16 blocks lack (BUILD.md).
+ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'head'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +30,14 @@ class Generator(nn.Module):
   spec: GeneratorSpec
   encoder: nn.Module               # a backbones.* module; its params live under 'encoder'
 
+  def features(self, x01_BxHxWx3):
+    """The encoder feature the attention module and classifier work on."""
+    return self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))[self.spec.tap]
+
   @nn.compact
   def __call__(self, x01_BxHxWx3):
     b, h, w, _ = x01_BxHxWx3.shape
-    feat_BxhxwxC = self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))[self.spec.tap]
+    feat_BxhxwxC = self.features(x01_BxHxWx3)
     feat_BxhxwxC = AttentionModule(self.spec.attention, name='attention')(feat_BxhxwxC)
     logits_Bxhxwx1K = nn.Conv(self.spec.num_classes + 1, (1, 1), name='classifier')(feat_BxhxwxC)
     logits_BxHxWx1K = jax.image.resize(

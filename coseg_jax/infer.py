@@ -58,19 +58,24 @@ def labels_from_maps(image_HxWx3, S_HxWxK1, infer_cfg):
   raise InputError(f'config.infer.method: unknown method {infer_cfg.method!r} (argmax | crf)')
 
 
+def border_label(labels_list, num_labels):
+  """The label that owns most image-border pixels over a group."""
+  counts = np.zeros(num_labels, np.int64)
+  for labels in labels_list:
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    counts += np.bincount(border, minlength=num_labels)[:num_labels]
+  return int(np.argmax(counts))
+
+
 def background_by_border(labels_list, num_labels):
-  """Relabels a group so that label 0 is the label covering most of the image borders.
+  """Relabels a group so that label 0 is its `border_label`.
 
   The co-attention loss constrains only the foreground channels across images, so which
   region the background channel takes is learned, not imposed (BUILD.md); clusters have
   no background at all. Objects rarely fill the frame, so the label that owns most
   border pixels over the whole group is taken as background, without ground truth.
   """
-  counts = np.zeros(num_labels, np.int64)
-  for labels in labels_list:
-    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
-    counts += np.bincount(border, minlength=num_labels)[:num_labels]
-  bg = int(np.argmax(counts))
+  bg = border_label(labels_list, num_labels)
   swap = np.arange(num_labels, dtype=np.uint8)
   swap[[0, bg]] = swap[[bg, 0]]
   return [swap[labels] for labels in labels_list]

@@ -55,10 +55,16 @@ def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
 
 
 def build_generator(config, encoder):
+  tap = config.model.encoder_tap
+  if tap == 'auto':
+    tap = generator.ENCODER_TAPS[encoder.name]
+  elif tap not in encoder.tap_info():
+    raise InputError(f'config.model.encoder_tap: {encoder.name} has no tap {tap!r} '
+                     f'({", ".join(encoder.tap_info())})')
   spec = generator.GeneratorSpec(
       num_classes=config.num_classes,
       preprocessing=encoder.preprocessing,
-      tap=generator.ENCODER_TAPS[encoder.name],
+      tap=tap,
       attention=attention.AttentionSpec(
           mode=config.model.attention, reduction=config.model.attention_reduction,
           mutual_scale_power=config.model.mutual_scale_power))
@@ -72,6 +78,24 @@ def init_params(gen, encoder_vars, image_size, batch_size, seed):
   params['encoder'] = weights.merge_params(params['encoder'], encoder_vars['params'],
                                            what='generator encoder')
   return params
+
+
+def cluster_init(gen, params, images_NxSxSx3, num_classes, seed, temperature=10.0):
+  """The classifier initialised from k-means of the group's encoder features (BUILD.md).
+
+  logits_k = temperature * <f, c_k> / mean|f| for unit centroids c_k is a soft
+  nearest-centroid rule; the cluster owning most image border becomes channel 0.
+  """
+  feat = jax.jit(lambda p, x: gen.apply({'params': p}, x, method=gen.features))
+  feats = [np.asarray(feat(params, x[None]))[0] for x in images_NxSxSx3]
+  centers_K1xC, labels = baselines.kmeans_group(feats, num_classes + 1, seed)
+  order = np.arange(num_classes + 1)
+  bg = infer.border_label(labels, num_classes + 1)
+  order[[0, bg]] = order[[bg, 0]]
+  mean_norm = np.mean([np.linalg.norm(f, axis=-1).mean() for f in feats])
+  kernel_CxK1 = (temperature / mean_norm) * centers_K1xC[order].T
+  return dict(params, classifier={'kernel': jnp.asarray(kernel_CxK1[None, None], jnp.float32),
+                                  'bias': jnp.zeros((num_classes + 1,), jnp.float32)})
 
 
 def predict(gen, params, images_NxSxSx3, batch_size):
@@ -138,6 +162,8 @@ def segment_group(config, group, encoder, encoder_vars, extractor, extractor_var
   gen = build_generator(config, encoder)
   params = init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
                        config.seed)
+  if config.model.classifier_init == 'cluster':
+    params = cluster_init(gen, params, images, config.num_classes, config.seed)
   params = train_generator(config, gen, params, images, extractor, extractor_vars, group_dir,
                            desc=f'train {group.name}')
   return group_maps(config, gen, params, images, group)
@@ -154,6 +180,7 @@ def _check_config(config):
     raise InputError(f'config.num_classes: K must be at least 1, got {config.num_classes}')
   _one_of('baseline', config.baseline, ('none', 'cluster'))
   _one_of('model.attention', config.model.attention, attention.MODES)
+  _one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
   _one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
   _one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
   _one_of('infer.method', config.infer.method, ('argmax', 'crf'))

@@ -1,12 +1,15 @@
 """The design choices of BUILD.md ("trivial optima") on the real loss with a stand-in f."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
+from coseg_jax import attention
 from coseg_jax import config as defaults
+from coseg_jax import generator
 from coseg_jax import multiclass
 
 
@@ -65,3 +68,33 @@ def test_default_loss_prefers_true_segmentation_over_trivial_optima():
   thesis = config_dict.ConfigDict(dict(cfg))
   thesis.pooling, thesis.normalize_maps = 'global', False
   assert _loss(thesis, x, empty) < _loss(thesis, x, correct)
+
+
+class _PixelEncoder(nn.Module):
+  """Features = the preprocessed pixels themselves (3-d, stride 1)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return {'pixels': x}
+
+
+def test_cluster_init_starts_from_the_kmeans_partition_with_border_as_background():
+  size = 16
+  images, truths = [], []
+  for n in range(3):
+    img = np.zeros((size, size, 3), np.float32) + [0.1, 0.6, 0.1]     # green surround
+    truth = np.zeros((size, size), np.uint8)
+    y, x = 3 + n, 4 + n
+    img[y:y + 6, x:x + 6] = [0.9, 0.1, 0.1]                           # red object
+    truth[y:y + 6, x:x + 6] = 1
+    images.append(img)
+    truths.append(truth)
+  x = jnp.asarray(np.stack(images))
+  gen = generator.Generator(
+      generator.GeneratorSpec(num_classes=1, preprocessing='imagenet', tap='pixels',
+                              attention=attention.AttentionSpec(mode='none')),
+      encoder=_PixelEncoder())
+  params = gen.init(jax.random.PRNGKey(0), x)['params']
+  params = multiclass.cluster_init(gen, params, x, num_classes=1, seed=0)
+  labels = np.asarray(gen.apply({'params': params}, x)).argmax(-1)
+  np.testing.assert_array_equal(labels, np.stack(truths))
