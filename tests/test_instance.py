@@ -1,0 +1,230 @@
+"""DeepCO3 pipeline (coseg_jax.instance) end to end through main.run, and its helpers."""
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from coseg_jax import config as defaults
+from coseg_jax import data
+from coseg_jax import deepco3
+from coseg_jax import demo
+from coseg_jax import instance
+from coseg_jax import instance_metrics
+from coseg_jax import main
+from coseg_jax import saliency
+from coseg_jax import weights
+from coseg_jax.errors import InputError
+
+_SIZE = 96  # demo images; the network sees 64 x 64
+
+
+@pytest.fixture(scope='module')
+def group_dir(tmp_path_factory):
+  """4 images of 1-3 cat heads with exact instance masks."""
+  return demo.make_instance_demo(str(tmp_path_factory.mktemp('data')), num_images=4, size=_SIZE)
+
+
+def _config(root, **baseline):
+  c = defaults.instance()
+  c.data.root = root
+  c.data.image_size = 64
+  c.data.batch_size = 2
+  c.train.epochs = 1
+  c.output.quiet = True
+  c.update(baseline)
+  return c
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _png(path):
+  return np.asarray(Image.open(path))
+
+
+def _check_metrics(scores):
+  for k in ('mAP_r@0.25', 'mAP_r@0.5', 'mAP_r@0.75', 'CorLoc_r'):
+    assert 0.0 <= scores[k] <= 1.0, (k, scores[k])
+  # A higher IoU threshold can only lose true positives.
+  assert scores['mAP_r@0.25'] >= scores['mAP_r@0.5'] >= scores['mAP_r@0.75']
+
+
+def _check_outputs(group, out_dir):
+  """Files agree with each other and with the images; returns per image (masks, scores)."""
+  det = _read(os.path.join(out_dir, 'detections.json'))
+  assert [r['stem'] for r in det['images']] == [s.stem for s in group.samples]
+  found = []
+  for record, sample in zip(det['images'], group.samples):
+    shape = sample.image.shape[:2]
+    labels = _png(os.path.join(out_dir, record['labels']))
+    assert labels.shape == shape
+    insts = record['instances']
+    assert insts, 'every image keeps at least its best detection'
+    scores = [i['score'] for i in insts]
+    assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+    assert labels.max() == len(insts)
+    masks = []
+    for inst in insts:
+      mask = _png(os.path.join(out_dir, inst['mask'])) > 0
+      assert mask.shape == shape and mask.sum() == inst['area']
+      x, y, w, h = inst['bbox_xywh']
+      assert mask[y:y + h, x:x + w].sum() == inst['area']
+      assert mask[y, x:x + w].any() and mask[y + h - 1, x:x + w].any()
+      # The label map shows instance `rank` wherever no better-ranked instance lies.
+      assert np.all((labels == inst['rank']) <= mask)
+      masks.append(mask)
+    found.append((np.stack(masks), np.asarray(scores)))
+    assert _png(os.path.join(out_dir, 'overlays', f'{sample.stem}.png')).shape == shape + (3,)
+  assert os.path.isfile(os.path.join(out_dir, 'contact_sheet.png'))
+  return found
+
+
+def _corloc(found, group):
+  return instance_metrics.corloc([list(zip(m, s)) for m, s in found],
+                                 [s.instances for s in group.samples])
+
+
+def test_deepco3_end_to_end(group_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  summary = main.run(_config(group_dir), workdir)
+  group = data.load_group(group_dir, need='instances')
+  metrics = _read(os.path.join(workdir, 'metrics.json'))
+  assert metrics == json.loads(json.dumps(summary))
+  assert metrics['method'] == 'DeepCO3'
+  bb = metrics['backbone']
+  expected = weights.resolve_name('auto', 'encoder', defaults.instance().weights)
+  assert bb['name'] == expected and bb['feature'] == instance.FEATURE_TAPS[expected] and bb['weights']
+  scores = metrics['groups'][group.name]
+  _check_metrics(scores)
+  _check_metrics(metrics['mean'])
+  assert scores['gt_instances'] == sum(len(s.instances) for s in group.samples)
+  assert 0.0 <= scores['proposal_recall@0.5'] <= 1.0 and 0.0 < scores['proposal_abo'] <= 1.0
+  out_dir = os.path.join(workdir, group.name)
+  found = _check_outputs(group, out_dir)
+  assert scores['detections'] == sum(len(s) for _, s in found)
+  # Scores come from the written masks, not from a different copy of them.
+  assert scores['CorLoc_r'] == pytest.approx(_corloc(found, group))
+  log = [json.loads(l) for l in open(os.path.join(out_dir, 'loss.jsonl'))]
+  assert [r['step'] for r in log] == [1, 2]  # one epoch of 4 images in batches of 2
+  assert all(np.isfinite(r['loss']) and r['copeaks_per_pair'] >= 1 for r in log)
+
+
+def test_saliency_baseline_is_components_of_the_prior(group_dir, tmp_path):
+  workdir = str(tmp_path / 'base')
+  summary = main.run(_config(group_dir, baseline='saliency'), workdir)
+  group = data.load_group(group_dir, need='instances')
+  assert summary['method'] == 'saliency baseline' and summary['backbone'] is None
+  assert not os.path.exists(os.path.join(workdir, group.name, 'checkpoints'))
+  scores = summary['groups'][group.name]
+  _check_metrics(scores)
+  found = _check_outputs(group, os.path.join(workdir, group.name))
+  for (masks, got), sample in zip(found, group.samples):
+    prior = saliency.mbd_saliency(sample.image)
+    labels, n = ndimage.label(prior > prior.mean())
+    assert len(masks) == n  # no percentile filter, no NMS
+    want = sorted((prior[labels == i].mean() for i in range(1, n + 1)), reverse=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_array_equal(masks.any(0), labels > 0)
+  assert scores['CorLoc_r'] == pytest.approx(_corloc(found, group))
+
+
+def test_dataset_of_categories_scores_each_and_the_mean(group_dir, tmp_path):
+  root = tmp_path / 'dataset'
+  shutil.copytree(group_dir, root / 'cats')
+  demo.make_instance_demo(str(tmp_path / 'other'), num_images=3, size=_SIZE, seed=5)
+  shutil.copytree(tmp_path / 'other' / 'cat_heads', root / 'more_cats')
+  shutil.copytree(root / 'more_cats' / 'images', root / 'unlabelled' / 'images')
+  shutil.copytree(root / 'more_cats' / 'images', root / 'no_objects' / 'images')
+  os.makedirs(root / 'no_objects' / 'instances')
+  workdir = str(tmp_path / 'run')
+  summary = main.run(_config(str(root), baseline='saliency'), workdir)
+  # Groups without instance masks are predicted but not scored.
+  assert sorted(summary['groups']) == ['cats', 'more_cats', 'no_objects']
+  assert os.path.isfile(os.path.join(workdir, 'unlabelled', 'detections.json'))
+  # Annotated, but nothing to find: no AP, and left out of the means.
+  assert summary['groups']['no_objects']['mAP_r@0.5'] is None
+  assert summary['groups']['no_objects']['gt_instances'] == 0
+  for k, v in summary['mean'].items():
+    assert v == pytest.approx(np.mean([summary['groups'][g][k] for g in ('cats', 'more_cats')])), k
+
+
+def test_saliency_components_hand_case():
+  prior = np.zeros((6, 8), np.float32)
+  prior[1:3, 1:3] = 0.9
+  prior[4, 5:8] = 0.6
+  prior[0, 7] = 0.2  # above the mean, touches no other blob
+  masks, scores = instance.saliency_components(prior)
+  np.testing.assert_allclose(scores, [0.9, 0.6, 0.2])
+  assert [m.sum() for m in masks] == [4, 3, 1]
+  assert masks[1][4, 5:8].all()
+  empty_masks, empty_scores = instance.saliency_components(np.full((4, 4), 0.5, np.float32))
+  assert empty_masks.shape == (0, 4, 4) and not len(empty_scores)
+
+
+def test_instance_labels_best_rank_wins_and_bbox():
+  a = np.zeros((5, 6), bool)
+  a[1:4, 1:4] = True
+  b = np.zeros((5, 6), bool)
+  b[2:5, 3:6] = True
+  labels = instance.instance_labels([a, b], (5, 6))
+  assert labels[2, 3] == 1 and labels[4, 5] == 2 and labels[0, 0] == 0
+  assert instance.instance_labels([], (2, 3)).shape == (2, 3)
+  assert instance.bbox_xywh(b) == [3, 2, 3, 3]
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('baseline', 'cluster', 'config.baseline'),
+    ('proposals.source', 'mcg', 'config.proposals.source'),
+    ('proposals.source', 'folder', 'proposals folder does not exist'),
+    ('saliency.prior', 'folder', 'saliency folder does not exist'),
+    ('data.batch_size', 3, 'must be even'),
+])
+def test_bad_config_fails_before_any_work(tmp_path, field, value, words):
+  c = _config(None)
+  section, name = field.split('.') if '.' in field else (None, field)
+  (c[section] if section else c)[name] = value
+  with pytest.raises(InputError, match=words):
+    instance.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)  # not even the demo data
+
+
+def test_unknown_feature_tap():
+  bb, _ = weights.load_backbone('efficientnet_lite0', defaults.instance().weights)
+  assert instance.feature_tap('auto', bb) == 'head'
+  assert instance.feature_tap('stride16', bb) == 'stride16'
+  with pytest.raises(InputError, match='no tap'):
+    instance.feature_tap('conv5_3', bb)
+
+
+class _TinyNet(nn.Module):
+  conv_general_dilated: object = jax.lax.conv_general_dilated
+
+  @nn.compact
+  def __call__(self, x):
+    return {'feat': nn.relu(nn.Conv(8, (3, 3), strides=4, conv_general_dilated=self.conv_general_dilated)(x))}
+
+
+def test_predict_maps_wraps_the_last_batch_and_compiles_once():
+  variables = _TinyNet().init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  params = {'backbone': variables['params'],
+            'head': {'kernel': jax.random.normal(jax.random.key(1), (1, 1, 8, 1)), 'bias': jnp.zeros(1)}}
+  make = lambda: deepco3.DeepCO3(deepco3.BackboneFeatures(
+      weights.Backbone('tiny', _TinyNet(), 'imagenet', 'test'), 'feat'))
+  images = np.random.default_rng(0).uniform(size=(5, 16, 16, 3)).astype(np.float32)
+  score, sal = instance.predict_maps(make(), params, {}, images, batch_size=2)
+  want = make()(params, {}, images)
+  np.testing.assert_allclose(score, want['score'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sal, want['sal_full'], rtol=1e-5, atol=1e-6)
+  # Groups build equal models: the compiled prediction is reused.
+  compiled = instance._score_and_saliency._cache_size()
+  instance.predict_maps(make(), params, {}, images[:3], batch_size=2)
+  assert instance._score_and_saliency._cache_size() == compiled
