@@ -21,7 +21,7 @@ from coseg_jax import fileio
 from coseg_jax import visualize
 from coseg_jax.errors import InputError
 
-_VERSION = 2
+_VERSION = 3
 _MANIFEST = 'demo.json'
 
 
@@ -77,7 +77,8 @@ def make_multiclass_demo(out_dir, num_classes, *, num_images=6, size=256, seed=0
 
 
 def make_instance_demo(out_dir, *, num_images=6, size=256, seed=0) -> str:
-  """Writes (or reuses) a group of 1-3 cat heads per image with instances/<stem>_<id>.png."""
+  """Writes (or reuses) a group of 1-3 cat heads per image (plus distractors) with
+  instances/<stem>_<id>.png."""
   params = dict(kind='instance', num_images=num_images, size=size, seed=seed)
 
   def render():
@@ -99,10 +100,21 @@ def render_multiclass(num_classes, *, num_images=6, size=256, seed=0):
 
 
 def render_instances(*, num_images=6, size=256, seed=0):
-  """[(stem, image, instance ids 0..n)] with n in 1..3 cat heads per image."""
+  """[(stem, image, instance ids 0..n)] with n in 1..3 cat heads per image.
+
+  Every other image also holds one salient distractor (a cup or a face) that is not an
+  instance: it appears in only some images, so co-occurrence must rule it out, which a
+  single-image saliency prior cannot do.
+  """
   rng = np.random.default_rng(seed)
   counts = rng.permutation(np.resize([1, 2, 3], num_images))
-  return [(f'img{n:02d}', *_compose(rng, n, [0] * int(c), size)) for n, c in enumerate(counts)]
+  out = []
+  for n, c in enumerate(counts):
+    distractors = [1 + (n // 2) % 2] if n % 2 == 0 else []
+    image, labels = _compose(rng, n, [0] * int(c) + distractors, size)
+    labels[labels > c] = 0
+    out.append((f'img{n:02d}', image, labels))
+  return out
 
 
 def _compose(rng, index, objects, size):

@@ -66,8 +66,11 @@ def test_masks_cover_exactly_the_pasted_pixels(tmp_path, monkeypatch):
   for _, image, labels in demo.render_multiclass(3, num_images=6, size=128, seed=2):
     np.testing.assert_array_equal(image.min(-1) > 150, labels > 0)
     assert image[labels == 0].max() < 100
-  for _, image, labels in demo.render_instances(num_images=3, size=128):
-    np.testing.assert_array_equal(image.min(-1) > 150, labels > 0)
+  for n, (_, image, labels) in enumerate(demo.render_instances(num_images=3, size=128)):
+    bright = image.min(-1) > 150
+    assert bright[labels > 0].all()
+    # Every other image holds a distractor: pasted (bright) but not an instance.
+    assert bright[labels == 0].any() == (n % 2 == 0)
 
 
 def test_instance_demo(tmp_path):
