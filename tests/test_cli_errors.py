@@ -217,7 +217,7 @@ def no_model(monkeypatch):
     raise AssertionError('a model was built before the bad input was reported')
 
   monkeypatch.setattr(multiclass, 'build_generator', forbidden)
-  monkeypatch.setattr(instance, 'build_model', forbidden)
+  monkeypatch.setattr(instance, 'build_network', forbidden)
   monkeypatch.setattr(train, 'fit', forbidden)
 
 
