@@ -1,9 +1,9 @@
 """Flax backbones vs independent torch reference forwards with the same random weights.
 
-The torch modules below are written from the published architectures (torchvision VGG16 /
-ResNet-50 naming, lukemelas' EfficientNet-PyTorch naming with TF 'SAME' padding), not
-from coseg_jax; their state_dicts go through torch.save -> weights.load_backbone.
-test_convert.py and test_real_weights.py reuse them.
+The torch modules of coseg_jax/torch_ref.py are written from the published architectures
+(torchvision VGG16 / ResNet-50 naming, lukemelas' EfficientNet-PyTorch naming with TF 'SAME'
+padding), independently of coseg_jax.backbones; their state_dicts go through torch.save ->
+weights.load_backbone. test_convert.py and test_real_weights.py reuse them.
 """
 import dataclasses
 import types
@@ -13,156 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from coseg_jax import backbones
 from coseg_jax import weights
+from coseg_jax.torch_ref import EfficientNetLite0 as RefLite0
+from coseg_jax.torch_ref import ResNet50 as RefResNet50
+from coseg_jax.torch_ref import VGG16 as RefVGG16
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 TOL = 1e-4
-
-
-class RefVGG16(nn.Module):
-  """torchvision's VGG16 `features` (names features.0 ... features.28)."""
-
-  def __init__(self):
-    super().__init__()
-    layers, cin = [], 3
-    for widths in ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)):
-      for w in widths:
-        layers += [nn.Conv2d(cin, w, 3, padding=1), nn.ReLU()]
-        cin = w
-      layers.append(nn.MaxPool2d(2))
-    self.features = nn.Sequential(*layers)
-
-  def forward(self, x):
-    taps, stage, conv = {}, 1, 0
-    for layer in self.features:
-      x = layer(x)
-      if isinstance(layer, nn.ReLU):
-        conv += 1
-        taps[f'conv{stage}_{conv}'] = x
-      elif isinstance(layer, nn.MaxPool2d):
-        taps[f'pool{stage}'] = x
-        stage, conv = stage + 1, 0
-    return taps
-
-
-class RefBottleneck(nn.Module):
-
-  def __init__(self, cin, width, stride, keras, eps):
-    super().__init__()
-    s1, s3 = (stride, 1) if keras else (1, stride)
-    self.conv1 = nn.Conv2d(cin, width, 1, stride=s1, bias=keras)
-    self.bn1 = nn.BatchNorm2d(width, eps=eps)
-    self.conv2 = nn.Conv2d(width, width, 3, stride=s3, padding=1, bias=keras)
-    self.bn2 = nn.BatchNorm2d(width, eps=eps)
-    self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=keras)
-    self.bn3 = nn.BatchNorm2d(4 * width, eps=eps)
-    self.downsample = None
-    if stride != 1 or cin != 4 * width:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride=stride, bias=keras),
-                                      nn.BatchNorm2d(4 * width, eps=eps))
-
-  def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = F.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
-    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class RefResNet50(nn.Module):
-  """torchvision naming; `keras` = Keras ResNet50 v1 semantics (stride in the first 1x1
-  conv, conv biases, ZeroPadding2D before the stem max-pool)."""
-
-  def __init__(self, keras=False, eps=1e-5):
-    super().__init__()
-    self.keras = keras
-    self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=keras)
-    self.bn1 = nn.BatchNorm2d(64, eps=eps)
-    cin = 64
-    for i, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), 1):
-      layer = []
-      for j in range(blocks):
-        layer.append(RefBottleneck(cin, width, 2 if (i > 1 and j == 0) else 1, keras, eps))
-        cin = 4 * width
-      setattr(self, f'layer{i}', nn.Sequential(*layer))
-
-  def forward(self, x):
-    x = F.relu(self.bn1(self.conv1(x)))
-    if self.keras:
-      x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2)
-    else:
-      x = F.max_pool2d(x, 3, 2, padding=1)
-    taps = {'stem': x}
-    for i in range(1, 5):
-      x = getattr(self, f'layer{i}')(x)
-      taps[f'layer{i}'] = x
-    return taps
-
-
-def same_pad(x, k, s):
-  """TensorFlow 'SAME' padding (the extra pixel goes after) for a k x k, stride-s conv."""
-  ih, iw = x.shape[-2:]
-  ph = max((-(-ih // s) - 1) * s + k - ih, 0)
-  pw = max((-(-iw // s) - 1) * s + k - iw, 0)
-  return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-
-
-class RefMBConv(nn.Module):
-
-  def __init__(self, cin, cout, k, s, e):
-    super().__init__()
-    hidden, self.k, self.s, self.e = cin * e, k, s, e
-    self.skip = s == 1 and cin == cout
-    if e != 1:
-      self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
-      self._bn0 = nn.BatchNorm2d(hidden, eps=1e-3, momentum=0.01)
-    self._depthwise_conv = nn.Conv2d(hidden, hidden, k, stride=s, groups=hidden, bias=False)
-    self._bn1 = nn.BatchNorm2d(hidden, eps=1e-3, momentum=0.01)
-    self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
-    self._bn2 = nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)
-
-  def forward(self, inputs):
-    x = inputs
-    if self.e != 1:
-      x = F.relu6(self._bn0(self._expand_conv(x)))
-    x = F.relu6(self._bn1(self._depthwise_conv(same_pad(x, self.k, self.s))))
-    x = self._bn2(self._project_conv(x))
-    return x + inputs if self.skip else x
-
-
-class RefLite0(nn.Module):
-  """EfficientNet-Lite0 in lukemelas' EfficientNet-PyTorch naming (with `_fc`)."""
-  # efficientnet_lite_builder: r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24, ...
-  STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
-            (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
-            (1, 3, 1, 6, 192, 320))
-
-  def __init__(self):
-    super().__init__()
-    self._conv_stem = nn.Conv2d(3, 32, 3, stride=2, bias=False)
-    self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
-    blocks = []
-    for r, k, s, e, cin, cout in self.STAGES:
-      for i in range(r):
-        blocks.append(RefMBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
-    self._blocks = nn.ModuleList(blocks)
-    self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-    self._bn1 = nn.BatchNorm2d(1280, eps=1e-3, momentum=0.01)
-    self._fc = nn.Linear(1280, 1000)
-
-  def forward(self, x):
-    x = F.relu6(self._bn0(self._conv_stem(same_pad(x, 3, 2))))
-    taps = {'stem': x}
-    for i, block in enumerate(self._blocks):
-      x = block(x)
-      taps[f'block{i}'] = x
-    taps['head'] = F.relu6(self._bn1(self._conv_head(x)))
-    return taps
 
 
 def randomize_batchnorm(model, seed):
