@@ -10,3 +10,9 @@ class InputError(Exception):
 
 class DivergedError(Exception):
   """The loss became NaN/Inf; the run stops before writing outputs from a broken model."""
+
+
+def check_one_of(field, value, allowed):
+  """InputError naming the config field when `value` is not one of `allowed`."""
+  if value not in allowed:
+    raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')

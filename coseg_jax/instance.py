@@ -25,6 +25,7 @@ from scipy import ndimage
 from coseg_jax import data
 from coseg_jax import deepco3
 from coseg_jax import demo
+from coseg_jax import errors
 from coseg_jax import fileio
 from coseg_jax import instance_metrics
 from coseg_jax import progress
@@ -231,11 +232,9 @@ def _group_paths(config, workdir):
 
 def _check_config(config):
   """Everything that would otherwise fail only after a group has trained."""
-  for field, value, allowed in (('baseline', config.baseline, BASELINES),
-                                ('saliency.prior', config.saliency.prior, saliency.PRIORS),
-                                ('proposals.source', config.proposals.source, proposals.SOURCES)):
-    if value not in allowed:
-      raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')
+  errors.check_one_of('baseline', config.baseline, BASELINES)
+  errors.check_one_of('saliency.prior', config.saliency.prior, saliency.PRIORS)
+  errors.check_one_of('proposals.source', config.proposals.source, proposals.SOURCES)
   folders = [('saliency', config.saliency.prior == 'folder')]
   if config.baseline == 'none':
     folders.append(('proposals', config.proposals.source == 'folder'))

@@ -11,6 +11,7 @@ from coseg_jax import attention
 from coseg_jax import baselines
 from coseg_jax import data
 from coseg_jax import demo
+from coseg_jax import errors
 from coseg_jax import fileio
 from coseg_jax import generator
 from coseg_jax import infer
@@ -169,21 +170,16 @@ def segment_group(config, group, encoder, encoder_vars, extractor, extractor_var
   return group_maps(config, gen, params, images, group)
 
 
-def _one_of(field, value, allowed):
-  if value not in allowed:
-    raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')
-
-
 def _check_config(config):
   """Everything that would otherwise fail only after a group has trained."""
   if config.num_classes < 1:
     raise InputError(f'config.num_classes: K must be at least 1, got {config.num_classes}')
-  _one_of('baseline', config.baseline, ('none', 'cluster'))
-  _one_of('model.attention', config.model.attention, attention.MODES)
-  _one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
-  _one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
-  _one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
-  _one_of('infer.method', config.infer.method, ('argmax', 'crf'))
+  errors.check_one_of('baseline', config.baseline, ('none', 'cluster'))
+  errors.check_one_of('model.attention', config.model.attention, attention.MODES)
+  errors.check_one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
+  errors.check_one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
+  errors.check_one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
+  errors.check_one_of('infer.method', config.infer.method, ('argmax', 'crf'))
   if config.data.batch_size < 2:
     # The co-attention loss compares pairs of images (and mutual attention needs them).
     raise InputError(f'config.data.batch_size: the co-attention loss needs at least 2 images '
