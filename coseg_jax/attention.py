@@ -27,24 +27,19 @@ def mutual_weights(q_ref_MxD, k_anchor_MxD, scale):
   return jax.nn.sigmoid(scale * a_MxM.sum(axis=0))
 
 
-def mutual_features(q_ref_MxD, k_anchor_MxD, v_anchor_MxD, scale):
-  """concat(w * V_i, (1 - w) * V_i): foreground and background parts of the anchor."""
-  w_M = mutual_weights(q_ref_MxD, k_anchor_MxD, scale)[:, None]
-  return jnp.concatenate([w_M * v_anchor_MxD, (1.0 - w_M) * v_anchor_MxD], axis=-1)
-
-
 def mutual_attention(q_BxMxD, k_BxMxD, v_BxMxD, scale):
-  """Mean over references j != i of mutual_features(anchor i, reference j), for every i.
+  """Mean over references j != i of concat(w * V_i, (1 - w) * V_i), w = mutual_weights(j, i).
 
-  All B*B ordered pairs are computed with one vmap and the diagonal is masked out. The
-  1x1 output conv is linear, so it is applied once to this mean rather than per pair.
+  The foreground and background parts are linear in w, so w is averaged over the
+  references before it multiplies V_i, and only the B(B-1) pairs j != i are computed.
+  The 1x1 output conv is linear too, so it is applied once to this mean.
   """
   b = q_BxMxD.shape[0]
-  per_anchor = jax.vmap(mutual_features, in_axes=(0, None, None, None))   # over references j
-  pairs_BxBxMx2D = jax.vmap(per_anchor, in_axes=(None, 0, 0, None))(      # over anchors i
-      q_BxMxD, k_BxMxD, v_BxMxD, scale)
-  off_diag_BxB = 1.0 - jnp.eye(b, dtype=pairs_BxBxMx2D.dtype)
-  return jnp.einsum('ij,ijmc->imc', off_diag_BxB, pairs_BxBxMx2D) / (b - 1)
+  others_BxR = jnp.array([[j for j in range(b) if j != i] for i in range(b)])  # R = B - 1
+  per_anchor = jax.vmap(mutual_weights, in_axes=(0, None, None))            # over references
+  w_BxRxM = jax.vmap(per_anchor, in_axes=(0, 0, None))(q_BxMxD[others_BxR], k_BxMxD, scale)
+  w_BxMx1 = w_BxRxM.mean(axis=1)[..., None]
+  return jnp.concatenate([w_BxMx1 * v_BxMxD, (1.0 - w_BxMx1) * v_BxMxD], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,10 +5,14 @@ does that). Every conv receives the module's `conv_general_dilated` so that Deep
 back-propagation can swap in a custom_vjp convolution; ReLU, max-pool and residual adds
 stay plain jax ops.
 """
+import functools
+import operator
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 ConvFn = Callable[..., jax.Array]
 
@@ -24,6 +28,78 @@ _RESNET50_LAYERS = ((64, 3), (128, 4), (256, 6), (512, 3))
 _LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                  (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 _LITE0_STEM, _LITE0_HEAD = 32, 1280
+
+
+def _strided_slice(x_BxHxWxC, dy, dx, ho, wo, sh, sw):
+  """x[:, dy::sh, dx::sw] cut to ho x wo."""
+  b, _, _, c = x_BxHxWxC.shape
+  limit = (b, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1, c)
+  return lax.slice(x_BxHxWxC, (0, dy, dx, 0), limit, (1, sh, sw, 1))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`; NHWC depthwise convs as k*k shifted slices, 1x1 as dots.
+
+  XLA's CPU backend runs grouped convolutions 10-100x slower than PyTorch (forward and
+  both gradients); the slices times the per-channel taps are elementwise ops that XLA
+  fuses, with elementwise gradients. A 1x1 conv's kernel gradient is a GEMM as a dot but
+  a whole-image-window convolution as a conv, which XLA runs slowly.
+  """
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  kh, kw = rhs.shape[:2]
+  plain = (batch_group_count == 1 and preferred_element_type is None
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+           and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
+  if plain and isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+  if (plain and feature_group_count == 1 and (kh, kw) == (1, 1)
+      and tuple(window_strides) == (1, 1) and all(p == 0 for pads in padding for p in pads)):
+    return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+  if not (plain and feature_group_count == lhs.shape[3] > 1 and rhs.shape[2] == 1):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count,
+                                    precision, preferred_element_type)
+  x = lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding),
+                                              (0, 0, 0)])
+  sh, sw = window_strides
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  return functools.reduce(operator.add, [
+      _strided_slice(x, dy, dx, ho, wo, sh, sw) * rhs[dy, dx, 0]
+      for dy in range(kh) for dx in range(kw)])
+
+
+def max_pool(x_BxHxWxC, k, s, pad=0):
+  """k x k max-pool, stride s, -inf padding, as a max of k*k strided slices.
+
+  Same forward as `nn.max_pool`; its backward is elementwise where XLA's CPU backend
+  lowers `nn.max_pool`'s select-and-scatter to an arg-max `reduce_window` plus a scatter
+  (10-100x the forward). Exact ties share the gradient (`jnp.maximum`) instead of giving
+  it to the first maximum.
+  """
+  x = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  ho, wo = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+  return functools.reduce(jnp.maximum, [_strided_slice(x, dy, dx, ho, wo, s, s)
+                                        for dy in range(k) for dx in range(k)])
+
+
+@jax.custom_jvp
+def relu6(x):
+  """`jax.nn.relu6` whose derivative is computed from the output, not the input.
+
+  Same values and derivative (1 where 0 < x < 6, else 0; 0 < x < 6 iff 0 < relu6(x) < 6).
+  XLA fuses the derivative's mask into the k*k shifted reads of the depthwise conv's
+  backward; computed from the input, those fusions of the stride-1 blocks took ~6x longer
+  (EfficientNet-Lite0 input gradient, 12 images at 128, one core: 300 -> 237 ms in all).
+  """
+  return jnp.minimum(jnp.maximum(x, 0.0), 6.0)
+
+
+@relu6.defjvp
+def _relu6_jvp(primals, tangents):
+  y = relu6(*primals)
+  return y, jnp.where((y > 0) & (y < 6), tangents[0], jnp.zeros_like(tangents[0]))
 
 
 def _lite0_blocks():
@@ -88,7 +164,7 @@ def lite0_stride_aliases() -> dict[str, str]:
 
 class VGG16(nn.Module):
   """VGG16 conv1_1 ... conv5_3 (post-ReLU) and pool1 ... pool5; no fully connected layers."""
-  conv_general_dilated: ConvFn = jax.lax.conv_general_dilated
+  conv_general_dilated: ConvFn = conv_general_dilated
 
   @nn.compact
   def __call__(self, x_BxHxWx3) -> dict[str, jax.Array]:
@@ -98,7 +174,7 @@ class VGG16(nn.Module):
         name = f'conv{s}_{c}'
         x = nn.relu(_conv(self.conv_general_dilated, width, 3, name, padding=_sym(1))(x))
         taps[name] = x
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, 2, 2)
       taps[f'pool{s}'] = x
     return taps
 
@@ -134,14 +210,14 @@ class ResNet50(nn.Module):
   """
   stride_in_1x1: bool = False
   bn_eps: float = 1e-5
-  conv_general_dilated: ConvFn = jax.lax.conv_general_dilated
+  conv_general_dilated: ConvFn = conv_general_dilated
 
   @nn.compact
   def __call__(self, x_BxHxWx3) -> dict[str, jax.Array]:
     x = _conv(self.conv_general_dilated, 64, 7, 'conv1', stride=2, padding=_sym(3))(x_BxHxWx3)
     x = nn.BatchNorm(use_running_average=True, epsilon=self.bn_eps, name='bn1')(x)
     # Padding with -inf (torchvision) equals Keras' zero padding after the ReLU.
-    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=_sym(1))
+    x = max_pool(nn.relu(x), 3, 2, pad=1)
     taps = {'stem': x}
     for i, (width, blocks) in enumerate(_RESNET50_LAYERS, 1):
       for j in range(blocks):
@@ -168,10 +244,10 @@ class _MBConv(nn.Module):
     hidden = self.cin * self.expand
     y = x
     if self.expand != 1:
-      y = nn.relu6(conv(hidden, 1, 'expand_conv')(y))
+      y = relu6(conv(hidden, 1, 'expand_conv')(y))
     # TF-style SAME padding (asymmetric for stride 2), as the weights were trained with.
-    y = nn.relu6(conv(hidden, self.kernel, 'depthwise_conv', stride=self.stride,
-                      groups=hidden)(y))
+    y = relu6(conv(hidden, self.kernel, 'depthwise_conv', stride=self.stride,
+                   groups=hidden)(y))
     y = conv(self.cout, 1, 'project_conv')(y)
     if self.stride == 1 and self.cin == self.cout:
       y = y + x
@@ -180,17 +256,17 @@ class _MBConv(nn.Module):
 
 class EfficientNetLite0(nn.Module):
   """EfficientNet-Lite0 features: taps stem, block0..block15, head, stride2..stride32."""
-  conv_general_dilated: ConvFn = jax.lax.conv_general_dilated
+  conv_general_dilated: ConvFn = conv_general_dilated
 
   @nn.compact
   def __call__(self, x_BxHxWx3) -> dict[str, jax.Array]:
-    x = nn.relu6(_conv(self.conv_general_dilated, _LITE0_STEM, 3, 'stem', stride=2)(x_BxHxWx3))
+    x = relu6(_conv(self.conv_general_dilated, _LITE0_STEM, 3, 'stem', stride=2)(x_BxHxWx3))
     taps = {'stem': x}
     for i, (expand, kernel, stride, cin, cout) in enumerate(LITE0_BLOCKS):
       x = _MBConv(expand, kernel, stride, cin, cout, self.conv_general_dilated,
                   name=f'blocks_{i}')(x)
       taps[f'block{i}'] = x
-    taps['head'] = nn.relu6(_conv(self.conv_general_dilated, _LITE0_HEAD, 1, 'head')(x))
+    taps['head'] = relu6(_conv(self.conv_general_dilated, _LITE0_HEAD, 1, 'head')(x))
     for alias, block in lite0_stride_aliases().items():
       taps[alias] = taps[block]
     return taps

@@ -32,10 +32,80 @@ def correlation(feat_n_HxWxC, feat_m_HxWxC, sal_n_HxW, sal_m_HxW):
   return sal_n_HxW[:, :, None, None] * sal_m_HxW[None, None, :, :] * t_HxWxHxW
 
 
+def window_max(x):
+  """Max over the 3x...x3 window of every element, -inf outside the array.
+
+  A box max is separable: one 3-wide window per axis. On CPU, XLA runs one 3^4 window
+  ~60x slower, and a max of padded, shifted slices 2-3x slower.
+  """
+  for axis in range(x.ndim):
+    window = tuple(3 if a == axis else 1 for a in range(x.ndim))
+    x = lax.reduce_window(x, -jnp.inf, lax.max, window, (1,) * x.ndim, 'SAME')
+  return x
+
+
+def _order_keys(x):
+  """Unsigned integer keys, one per float of `x`, in the order of the values.
+
+  Sign-magnitude floats become ordered integers by flipping every bit of the negatives
+  and the sign bit of the rest (-0.0 gets the key just below 0.0's).
+  """
+  uint = jnp.dtype(f'uint{8 * x.dtype.itemsize}')
+  sign = jnp.array(1 << (8 * x.dtype.itemsize - 1), uint)
+  bits = lax.bitcast_convert_type(x, uint)
+  return jnp.where(bits >= sign, ~bits, bits | sign)
+
+
+def _from_order_keys(key, dtype):
+  sign = jnp.array(1 << (8 * jnp.dtype(dtype).itemsize - 1), key.dtype)
+  return lax.bitcast_convert_type(jnp.where(key >= sign, key ^ sign, ~key), dtype)
+
+
+def _count(mask_N):
+  """Number of True elements: a float32 sum where exact (fewer than 2^24 elements).
+
+  On a flat mask, XLA's CPU backend runs that sum 1.5-3x faster than an integer one.
+  """
+  return jnp.sum(mask_N, dtype=jnp.float32 if mask_N.size < 2**24 else jnp.int32)
+
+
+def kth_smallest(x, k):
+  """The k-th smallest element of float `x` (k 1-based), counting repeats; x NaN-free.
+
+  Bisection on the values' keys, one counting pass per key bit: on CPU ~50x faster
+  than the sort in `jnp.median` at 3 x 28^4 elements.
+  """
+  x = jnp.asarray(x)
+  keys = _order_keys(x.reshape(-1))
+
+  def halve(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    enough = _count(keys <= mid) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = lax.fori_loop(0, 8 * x.dtype.itemsize, halve,
+                        (jnp.array(0, keys.dtype), jnp.array(jnp.iinfo(keys.dtype).max, keys.dtype)))
+  return _from_order_keys(lo, x.dtype)
+
+
+def median(x):
+  """numpy's median of all elements of float `x` (NaN-free), by selection, not sorting."""
+  x = jnp.asarray(x)
+  n = x.size
+  lower = kth_smallest(x, (n + 1) // 2)
+  if n % 2:
+    return lower
+  # The next order statistic: `lower` again if it is repeated, else the next value up.
+  flat = x.reshape(-1)
+  upper = jnp.where(_count(flat <= lower) > n // 2, lower,
+                    jnp.min(jnp.where(flat > lower, flat, jnp.inf)))
+  return (lower + upper) / 2
+
+
 def local_maxima(x):
   """Bool mask of the peaks of `x` (any rank; definition in the module docstring)."""
-  window_max = lax.reduce_window(x, -jnp.inf, lax.max, (3,) * x.ndim, (1,) * x.ndim, 'SAME')
-  return (x >= window_max) & (x >= jnp.median(x))
+  return (x >= window_max(x)) & (x >= median(x))
 
 
 def copeak_mask(t_HxWxHxW):

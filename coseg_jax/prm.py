@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from coseg_jax import backbones
+
 _EPS = 1e-10
 
 
@@ -27,8 +29,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated` with the PRM backward rule (same signature)."""
+  # The backbones' convolution (depthwise as slices, 1x1 as dots: XLA's CPU grouped convs
+  # are slow) in the forward and in the rule's conv / conv^T; the rule is unchanged.
   conv = functools.partial(
-      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      backbones.conv_general_dilated, window_strides=window_strides, padding=padding,
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)

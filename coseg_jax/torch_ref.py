@@ -355,16 +355,14 @@ class Attention(nn.Module):
 
 
 def mutual_attention(q_BxMxD, k_BxMxD, v_BxMxD, scale):
-  """Twin of `attention.mutual_attention`: all ordered pairs as one batched matmul."""
+  """Twin of `attention.mutual_attention`: the B(B-1) pairs j != i as one batched matmul."""
   b = q_BxMxD.shape[0]
-  # a[i, j] = row-softmax(Q_j K_i^T): reference j's pixels over anchor i's pixels.
-  a_BxBxMxM = torch.softmax(torch.einsum('jmd,ind->ijmn', q_BxMxD, k_BxMxD), -1)
-  w_BxBxMx1 = torch.sigmoid(scale * a_BxBxMxM.sum(2)).unsqueeze(-1)
-  fg_BxBxMxD = w_BxBxMx1 * v_BxMxD[:, None]
-  bg_BxBxMxD = v_BxMxD[:, None] - fg_BxBxMxD
-  pairs_BxBxMx2D = torch.cat([fg_BxBxMxD, bg_BxBxMxD], -1)
-  others_BxB = 1.0 - torch.eye(b, dtype=q_BxMxD.dtype)
-  return torch.einsum('ij,ijmc->imc', others_BxB, pairs_BxBxMx2D) / (b - 1)
+  others_BxR = torch.tensor([[j for j in range(b) if j != i] for i in range(b)])
+  # a[i, r] = row-softmax(Q_j K_i^T), j = others[i, r]: reference j's pixels over anchor i's.
+  a_BxRxMxM = torch.softmax(torch.einsum('irmd,ind->irmn', q_BxMxD[others_BxR], k_BxMxD), -1)
+  w_BxMx1 = torch.sigmoid(scale * a_BxRxMxM.sum(2)).mean(1).unsqueeze(-1)
+  fg_BxMxD = w_BxMx1 * v_BxMxD
+  return torch.cat([fg_BxMxD, v_BxMxD - fg_BxMxD], -1)
 
 
 class Generator(nn.Module):

@@ -45,8 +45,15 @@ def test_mutual_attention_matches_pair_loop():
   b, m, d = 4, 6, 3
   q, k, v = _rand(0, b, m, d), _rand(1, b, m, d), _rand(2, b, m, d)
   got = attention.mutual_attention(q, k, v, 0.5)
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   for i in range(b):
-    refs = [attention.mutual_features(q[j], k[i], v[i], 0.5) for j in range(b) if j != i]
+    refs = []
+    for j in range(b):
+      if j != i:  # reference j's pixels (rows) softly pick anchor i's pixels (columns)
+        logits = q[j] @ k[i].T
+        a = np.exp(logits - logits.max(1, keepdims=True))
+        w = 1 / (1 + np.exp(-0.5 * (a / a.sum(1, keepdims=True)).sum(0)))[:, None]
+        refs.append(np.concatenate([w * v[i], (1 - w) * v[i]], axis=-1))
     np.testing.assert_allclose(got[i], np.mean(refs, axis=0), rtol=1e-5, atol=1e-6)
 
 

@@ -6,6 +6,7 @@ padding), independently of coseg_jax.backbones; their state_dicts go through tor
 weights.load_backbone. test_convert.py and test_real_weights.py reuse them.
 """
 import dataclasses
+import re
 import types
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import linen as flax_nn
 from torch import nn
 
 from coseg_jax import backbones
@@ -152,3 +154,85 @@ def test_backbone_apply_selects_taps_and_swaps_conv(tmp_path):
   assert not np.allclose(bb2.apply(variables, x, taps=['stem'])['stem'], some['stem'])
   with pytest.raises(ValueError, match='no taps'):
     bb.apply(variables, x, taps=['conv5_3'])
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_and_grads(conv_fn, x, w, stride, padding, groups):
+  f = lambda x, w: conv_fn(x, w, (stride, stride), padding, dimension_numbers=_NHWC,
+                           feature_group_count=groups)
+  y, vjp = jax.vjp(f, x, w)
+  cotangent = jnp.asarray(np.random.RandomState(1).randn(*y.shape), jnp.float32)
+  return (y, *vjp(cotangent))
+
+
+# Even sizes with 'SAME' at stride 2 pad asymmetrically (TF), as in EfficientNet-Lite0.
+@pytest.mark.parametrize('kernel,stride,padding', [
+    (3, 1, 'SAME'), (3, 2, 'SAME'), (5, 1, 'SAME'), (5, 2, 'SAME'),
+    (3, 2, ((1, 1), (1, 1))), (5, 1, ((2, 1), (0, 2)))])
+@pytest.mark.parametrize('height', [8, 7])
+def test_depthwise_conv_matches_lax(kernel, stride, padding, height):
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, height, 6, 4), jnp.float32)
+  w = jnp.asarray(rng.randn(kernel, kernel, 1, 4), jnp.float32)
+  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, stride, padding, 4)
+  ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, stride, padding, 4)
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), fast, ref):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])
+def test_1x1_conv_matches_lax(padding):
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 5, 6, 4), jnp.float32)
+  w = jnp.asarray(rng.randn(1, 1, 4, 3), jnp.float32)
+  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, 1, padding, 1)
+  ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, 1, padding, 1)
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), fast, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,groups,cin_per_group', [
+    (3, 2, 'SAME', 1, 4), (3, 2, 'SAME', 2, 2), (1, 2, 'SAME', 1, 4), (1, 1, ((1, 0), (0, 1)), 1, 4)])
+def test_other_convs_are_lax_convs(kernel, stride, padding, groups, cin_per_group):
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(1, 6, 6, 4), jnp.float32)
+  w = jnp.asarray(rng.randn(kernel, kernel, cin_per_group, 4), jnp.float32)
+  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, stride, padding, groups)
+  ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, stride, padding, groups)
+  for a, b in zip(fast, ref):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lite0_convolutions_are_slices_and_dots():
+  module = backbones.make('efficientnet_lite0')
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+  forward = str(jax.make_jaxpr(module.apply)(variables, x))
+  assert forward.count('conv_general_dilated[') == 1  # the 3x3 stem
+  grad = jax.grad(lambda v, x: module.apply(v, x)['head'].sum(), argnums=(0, 1))
+  groups = re.findall(r'feature_group_count=(\d+)', str(jax.make_jaxpr(grad)(variables, x)))
+  assert groups and set(groups) == {'1'}
+
+
+@pytest.mark.parametrize('k,s,pad,size', [(2, 2, 0, 8), (2, 2, 0, 7), (3, 2, 1, 8), (3, 2, 1, 7)])
+def test_max_pool_matches_flax(k, s, pad, size):
+  # A permutation: no ties, so the gradient goes to the same single maximum.
+  x = jnp.asarray(np.random.RandomState(0).permutation(2 * size * 5 * 3).reshape(2, size, 5, 3),
+                  jnp.float32)
+  flax_pool = lambda x: flax_nn.max_pool(x, (k, k), strides=(s, s), padding=((pad, pad),) * 2)
+  ours = lambda x: backbones.max_pool(x, k, s, pad)
+  np.testing.assert_array_equal(ours(x), flax_pool(x))
+  cotangent = jnp.asarray(np.random.RandomState(1).randn(*flax_pool(x).shape), jnp.float32)
+  grads = [jax.vjp(f, x)[1](cotangent)[0] for f in (ours, flax_pool)]
+  np.testing.assert_array_equal(*grads)
+
+
+def test_relu6_matches_jax():
+  x = jnp.array([-1.0, 0.0, 0.5, 5.5, 6.0, 7.0, jnp.nan], jnp.float32)
+  np.testing.assert_array_equal(backbones.relu6(x), jax.nn.relu6(x))
+  grads = [jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(7.0)))(x)
+           for f in (backbones.relu6, jax.nn.relu6)]
+  np.testing.assert_array_equal(*grads)

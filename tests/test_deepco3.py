@@ -42,6 +42,49 @@ def test_correlation_matches_loop():
   np.testing.assert_allclose(t, ref, rtol=1e-5, atol=1e-6)
 
 
+def _median_cases():
+  rng = np.random.default_rng(7)
+  return {
+      'odd_ties': rng.integers(-3, 3, (5, 7)).astype(np.float32),
+      'even_ties_4d': rng.integers(-3, 3, (4, 3, 2, 5)).astype(np.float32),
+      'large': rng.normal(size=(6, 5)).astype(np.float32) * 1e30,
+      'negative': -rng.random((9,)).astype(np.float32),
+      'signed_zeros_even': np.array([-0.0, 0.0, 0.0, -0.0, 1.0, -1.0], np.float32),
+      'signed_zeros_odd': np.array([-0.0, 2.0, 0.0, -3.0, -0.0], np.float32),
+      'infinities': np.array([3.0, -np.inf, np.inf, 1.0], np.float32),
+      'constant': np.full((3, 4), 2.5, np.float32),
+      'single': np.array([7.0], np.float32)}
+
+
+@pytest.mark.parametrize('name', list(_median_cases()))
+def test_median_and_kth_smallest_match_numpy(name):
+  x = _median_cases()[name]
+  assert float(deepco3.median(x)) == np.median(x)
+  for k in {1, (x.size + 1) // 2, x.size}:
+    assert float(deepco3.kth_smallest(x, k)) == np.sort(x, axis=None)[k - 1]
+
+
+def test_median_float64():
+  # Distinct in float64, all 1.0 in float32.
+  x = 1.0 + np.random.default_rng(8).integers(1, 5, (6, 4)) * np.finfo(np.float64).eps
+  with jax.enable_x64(True):
+    got = deepco3.median(jnp.asarray(x))
+    assert got.dtype == jnp.float64 and float(got) == np.median(x)
+
+
+@pytest.mark.parametrize('shape', [(5, 6), (3, 4, 2, 5)])
+def test_window_max_is_the_box_max(shape):
+  x = np.random.default_rng(9).integers(0, 4, shape).astype(np.float32)
+  want = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (3,) * x.ndim, (1,) * x.ndim, 'SAME')
+  np.testing.assert_array_equal(deepco3.window_max(x), want)
+
+
+@pytest.mark.parametrize('shape', [(5, 7), (4, 6), (3, 4, 3, 2), (3, 3, 3, 3)])
+def test_local_maxima_matches_brute_force_with_ties(shape):
+  t = np.random.default_rng(10).integers(-2, 2, shape).astype(np.float32)
+  np.testing.assert_array_equal(deepco3.local_maxima(t), _brute_force_peaks(t))
+
+
 def test_copeak_mask_matches_brute_force_on_random_tensor():
   t = np.random.default_rng(1).normal(size=(4, 3, 4, 3)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(deepco3.copeak_mask(t)), _brute_force_peaks(t))
