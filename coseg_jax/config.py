@@ -201,6 +201,11 @@ def instance():
   c.rank.nms_iou = 0.4
   # Width of the contour band (dilation != erosion) of the contour-preserving term.
   c.rank.contour_width = 5
+  # Eq. 7 with each peak response map scaled to unit sum and background_penalty counted per
+  # pixel of an image of this many pixels (448^2, the paper's input size); 0 = literal
+  # Eq. 7 on this image's pixels with the maps as back-propagated
+  # (`proposals.rank_proposals` says why).
+  c.rank.reference_area = 448 * 448
   # Detections below this percentile of the group's scores are dropped (best per image kept).
   c.rank.drop_percentile = 20.0
 

@@ -143,7 +143,7 @@ def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw,
   masks, scores = proposals.select_instances(
       to_image_size(maps, shape_hw), to_image_size(sal_SxS[None], shape_hw)[0], props,
       inside_weight=r.inside_weight, background_penalty=r.background_penalty, nms_iou=r.nms_iou,
-      contour_width=r.contour_width)
+      contour_width=r.contour_width, reference_area=r.reference_area)
   return masks, scores, props, len(peaks)
 
 

@@ -18,7 +18,8 @@ files with `masks` (NxHxW, C order).
 
 Ranking: R(P) = beta sum(O S P) + sum(O S contour(P)) - gamma sum((1 - S) P); each peak
 takes its best proposal, detections go through greedy mask NMS, and the group-level
-percentile filter removes weak detections (`drop_low_scores`).
+percentile filter removes weak detections (`drop_low_scores`). By default O is scaled to
+unit sum and gamma counts pixels of a `reference_area`-pixel image (`rank_proposals`).
 """
 import heapq
 import os
@@ -314,13 +315,20 @@ def contours(masks_NxHxW, width=5):
 
 
 def rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, background_penalty=1e-5,
-                   contour_width=5, chunk=128):
+                   contour_width=5, reference_area=None, chunk=128):
   """Best proposal per peak under R(P) (Eq. 7).
 
   Args:
     prm_KxHxW: peak response maps O, one per peak, at the masks' resolution.
     sal_HxW: the full-resolution co-saliency map S, at the masks' resolution.
     masks_NxHxW: candidate proposals.
+    reference_area: None ranks with O as given and gamma per pixel of this image: Eq. 7
+      literally. A number of pixels scales each O to unit sum and gamma by
+      reference_area / (H W). Eq. 7's constants assume both: the PRM rule conserves the
+      unit signal through the paper's VGG16 (plain convs, ReLU, max-pool) and its images
+      are about 448^2 pixels. Residual blocks (ResNet, EfficientNet) double the signal on
+      every skip, and their map's sum drifts with training (0.1 to 3 on the demo), which
+      would change how much background a proposal may cover.
 
   Returns:
     (index K, score K): the best proposal of each peak and its R. With no proposals both
@@ -329,7 +337,11 @@ def rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, backgr
   k = len(prm_KxHxW)
   if not len(masks_NxHxW) or not k:
     return np.zeros(0, int), np.zeros(0)
-  weighted_KxP = (np.asarray(prm_KxHxW, np.float32) * sal_HxW[None]).reshape(k, -1)
+  prm_KxP = np.asarray(prm_KxHxW, np.float32).reshape(k, -1)
+  if reference_area:
+    prm_KxP = prm_KxP / np.maximum(prm_KxP.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    background_penalty = background_penalty * reference_area / sal_HxW.size
+  weighted_KxP = prm_KxP * np.asarray(sal_HxW, np.float32).reshape(1, -1)
   background_P = (1.0 - np.asarray(sal_HxW, np.float32)).ravel()
   scores_NxK = []
   for start in range(0, len(masks_NxHxW), chunk):
@@ -369,11 +381,12 @@ def drop_low_scores(scores_per_image, percentile=20.0):
   return keep
 
 
-def select_instances(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, background_penalty=1e-5,
-                     nms_iou=0.4, contour_width=5):
-  """One image: rank proposals per peak, then NMS. Returns (masks MxHxW, scores M) by score."""
-  best, scores = rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, inside_weight=inside_weight,
-                                background_penalty=background_penalty, contour_width=contour_width)
+def select_instances(prm_KxHxW, sal_HxW, masks_NxHxW, *, nms_iou=0.4, **rank_kwargs):
+  """One image: rank proposals per peak (`rank_proposals`' keyword arguments), then NMS.
+
+  Returns (masks MxHxW, scores M) by score.
+  """
+  best, scores = rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, **rank_kwargs)
   chosen = masks_NxHxW[best]
   keep = mask_nms(chosen, scores, nms_iou)
   return chosen[keep], scores[keep]

@@ -137,6 +137,29 @@ def test_rank_proposals_hand_values():
   assert len(best) == 0 and len(score) == 0
 
 
+def test_rank_proposals_unit_mass_and_reference_area():
+  rng = np.random.default_rng(0)
+  o = rng.uniform(size=(3, 12, 12)) ** 4
+  s = rng.uniform(size=(12, 12))
+  p = rng.uniform(size=(40, 12, 12)) < 0.3
+  unit = o / o.sum(axis=(1, 2), keepdims=True)
+  literal_best, literal_score = proposals.rank_proposals(unit, s, p, background_penalty=0.05)
+  # reference_area = this image's pixels and maps of unit sum: literally Eq. 7.
+  best, score = proposals.rank_proposals(unit * 7.0, s, p, background_penalty=0.05,
+                                         reference_area=144)
+  assert best.tolist() == literal_best.tolist()
+  np.testing.assert_allclose(score, literal_score, rtol=1e-5)
+  # The maps' gain no longer matters; a 4x larger reference area is a 4x larger penalty.
+  best, score = proposals.rank_proposals(unit * 0.01, s, p, background_penalty=0.05 / 4,
+                                         reference_area=4 * 144)
+  np.testing.assert_allclose(score, literal_score, rtol=1e-5)
+  # Without normalisation a larger gain favours larger proposals (the drift it removes).
+  area = p.sum(axis=(1, 2))
+  small, _ = proposals.rank_proposals(unit * 0.01, s, p, background_penalty=0.05)
+  large, _ = proposals.rank_proposals(unit * 100.0, s, p, background_penalty=0.05)
+  assert area[large].mean() > area[small].mean()
+
+
 def test_mask_nms_greedy_in_score_order():
   def cols(a, b):
     m = np.zeros((1, 10), bool)
