@@ -1,4 +1,6 @@
-"""User-facing input errors: reported as one line with exit status 2."""
+"""User-facing input errors (one line, exit status 2), and SIGTERM as an interrupt."""
+import contextlib
+import signal
 
 
 class InputError(Exception):
@@ -16,3 +18,19 @@ def check_one_of(field, value, allowed):
   """InputError naming the config field when `value` is not one of `allowed`."""
   if value not in allowed:
     raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+  """SIGTERM raises KeyboardInterrupt inside the block, so a cluster's stop request takes the
+  same path as Ctrl-C (checkpoint, message, exit 130) instead of killing without a word."""
+  old = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)

@@ -1,11 +1,11 @@
 """Library entry point behind bin/run.py: work directory, log, dispatch, exit codes."""
 import logging
 import os
-import signal
 import sys
 
 from absl import logging as absl_logging
 
+from coseg_jax import errors
 from coseg_jax import fileio
 from coseg_jax import report
 from coseg_jax import train
@@ -75,20 +75,15 @@ def run(config, workdir):
   return metrics
 
 
-def _interrupt(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt
-
-
 def run_cli(config, workdir) -> int:
   """`run` with user errors as one line on stderr and exit status 2.
 
   SIGTERM stops the run like SIGINT (the trainer checkpoints first; elsewhere the atomic
   writers leave no partial file) instead of killing it without a word.
   """
-  old_handler = signal.signal(signal.SIGTERM, _interrupt)
   try:
-    run(config, workdir)
+    with errors.sigterm_as_interrupt():
+      run(config, workdir)
   except InputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -98,6 +93,4 @@ def run_cli(config, workdir) -> int:
   except KeyboardInterrupt:
     print('interrupted; rerun the same command to resume from the last checkpoint', file=sys.stderr)
     return 130
-  finally:
-    signal.signal(signal.SIGTERM, old_handler)
   return 0

@@ -22,11 +22,11 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
+from coseg_jax import errors
 from coseg_jax import fileio
 from coseg_jax.errors import InputError
 
@@ -316,21 +316,15 @@ def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1,
 def run_cli(config_path, grid_specs, set_specs, sweep_dir, run_cmd, **kwargs) -> int:
   """`sweep` for bin/sweep.py: prints the table and failures; exit 0 (all finished),
   1 (some run failed), 2 (bad input) or 130 (interrupted)."""
-  def on_sigterm(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt
-
-  old = signal.signal(signal.SIGTERM, on_sigterm)
   try:
-    outcomes, markdown = sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, **kwargs)
+    with errors.sigterm_as_interrupt():
+      outcomes, markdown = sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, **kwargs)
   except InputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('sweep interrupted; rerun the same command to resume', file=sys.stderr)
     return 130
-  finally:
-    signal.signal(signal.SIGTERM, old)
   print(f'\n{markdown}\n(tables: {os.path.join(sweep_dir, "results.md")}, results.csv)')
   failed = [o for o in outcomes if o.status == 'failed']
   for o in failed:
