@@ -6,7 +6,7 @@ come out as uint8 in the same order.
 import numpy as np
 from pydensecrf import densecrf
 
-from coseg_jax.errors import InputError
+from coseg_jax.errors import check_one_of
 
 # Probabilities are clipped here before the log so an exact zero gives a finite unary.
 _MIN_PROB = 1e-8
@@ -48,14 +48,16 @@ def dense_crf_labels(image_HxWx3, S_HxWxK1, crf_cfg):
   return np.argmax(q_K1xN, axis=0).reshape(H, W).astype(np.uint8)
 
 
+METHODS = ('argmax', 'crf')
+
+
 def labels_from_maps(image_HxWx3, S_HxWxK1, infer_cfg):
-  """Eq. 8, then the post-processing named by `infer_cfg.method` ('argmax' or 'crf')."""
+  """Eq. 8, then the post-processing named by `infer_cfg.method` (one of METHODS)."""
+  check_one_of('infer.method', infer_cfg.method, METHODS)
   S = normalize_maps(S_HxWxK1)
   if infer_cfg.method == 'argmax':
     return argmax_labels(S)
-  if infer_cfg.method == 'crf':
-    return dense_crf_labels(image_HxWx3, S, infer_cfg.crf)
-  raise InputError(f'config.infer.method: unknown method {infer_cfg.method!r} (argmax | crf)')
+  return dense_crf_labels(image_HxWx3, S, infer_cfg.crf)
 
 
 def border_label(labels_list, num_labels):

@@ -179,7 +179,7 @@ def _check_config(config):
   errors.check_one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
   errors.check_one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
   errors.check_one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
-  errors.check_one_of('infer.method', config.infer.method, ('argmax', 'crf'))
+  errors.check_one_of('infer.method', config.infer.method, infer.METHODS)
   if config.data.batch_size < 2:
     # The co-attention loss compares pairs of images (and mutual attention needs them).
     raise InputError(f'config.data.batch_size: the co-attention loss needs at least 2 images '
