@@ -18,23 +18,18 @@ def self_attention(q_MxD, k_MxD, v_MxC):
   return jax.nn.softmax(q_MxD @ k_MxD.T, axis=-1) @ v_MxC
 
 
-def mutual_weights(q_ref_MxD, k_anchor_MxD, scale):
-  """Per anchor pixel, how strongly the reference's pixels pick it: sigmoid(scale * v).
-
-  Each reference pixel softly matches anchor pixels (row softmax of Q_j K_i^T); v, the
-  column sums, counts how many reference pixels chose each anchor pixel (sum of v = M).
-  """
-  a_MxM = jax.nn.softmax(q_ref_MxD @ k_anchor_MxD.T, axis=-1)
-  return jax.nn.sigmoid(scale * a_MxM.sum(axis=0))
-
-
 def _others(b):
   """others[i] = the references j != i of anchor i, in increasing order (B x (B-1))."""
   return np.array([[j for j in range(b) if j != i] for i in range(b)])
 
 
 def _mutual_weights_mean(q_BxMxD, k_BxMxD, scale):
-  """w = mean over j != i of mutual_weights(q_j, k_i, scale) (B x M), and what its VJP needs."""
+  """Per anchor pixel, how strongly the references' pixels pick it (B x M), and what the VJP needs.
+
+  Each pixel of reference j softly matches anchor i's pixels (row softmax of Q_j K_i^T);
+  v, the column sums, counts how many reference pixels chose each anchor pixel (sum of
+  v = M). w = mean over j != i of sigmoid(scale * v).
+  """
   b, m, d = q_BxMxD.shape
   r = b - 1
   # An anchor's references stacked as one (B-1)M x D matrix: one GEMM per anchor, and the
@@ -97,7 +92,7 @@ _mutual_attention.defvjp(_mutual_attention_fwd, _mutual_attention_bwd)
 
 
 def mutual_attention(q_BxMxD, k_BxMxD, v_BxMxD, scale):
-  """Mean over references j != i of concat(w * V_i, (1 - w) * V_i), w = mutual_weights(j, i).
+  """Mean over references j != i of concat(w * V_i, (1 - w) * V_i), w from `_mutual_weights_mean`.
 
   The foreground and background parts are linear in w, so w is averaged over the
   references before it multiplies V_i, and only the B(B-1) pairs j != i are computed.

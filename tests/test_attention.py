@@ -33,12 +33,12 @@ def test_self_attention_rows_are_convex_combinations():
 
 
 def test_mutual_weights_column_sums_total_m():
-  # Every reference pixel distributes one unit over the anchor, so sum(v) = M; the
-  # weights are sigmoid(scale * v).
-  q, k = _rand(0, 9, 4), _rand(1, 9, 4)
-  w = attention.mutual_weights(q, k, 1.0)
-  v = jnp.log(w / (1 - w))
-  np.testing.assert_allclose(v.sum(), 9.0, rtol=1e-4)
+  # Every reference pixel distributes one unit over the anchor, so sum(v) = M; with two
+  # images the foreground part of anchor i is sigmoid(scale * v) * V_i.
+  q, k, v = _rand(0, 2, 9, 4), _rand(1, 2, 9, 4), jnp.ones((2, 9, 4))
+  w = attention.mutual_attention(q, k, v, 1.0)[:, :, 0]
+  logit = jnp.log(w / (1 - w))
+  np.testing.assert_allclose(logit.sum(axis=1), [9.0, 9.0], rtol=1e-4)
   assert (w > 0).all() and (w < 1).all()
 
 
