@@ -167,6 +167,14 @@ def _conv_and_grads(conv_fn, x, w, stride, padding, groups):
   return (y, *vjp(cotangent))
 
 
+def _assert_matches_lax(x, w, stride, padding, groups):
+  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, stride, padding, groups)
+  ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, stride, padding, groups)
+  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), fast, ref):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 # Even sizes with 'SAME' at stride 2 pad asymmetrically (TF), as in EfficientNet-Lite0.
 @pytest.mark.parametrize('kernel,stride,padding', [
     (3, 1, 'SAME'), (3, 2, 'SAME'), (5, 1, 'SAME'), (5, 2, 'SAME'),
@@ -176,11 +184,7 @@ def test_depthwise_conv_matches_lax(kernel, stride, padding, height):
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, height, 6, 4), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, 1, 4), jnp.float32)
-  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, stride, padding, 4)
-  ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, stride, padding, 4)
-  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), fast, ref):
-    assert a.shape == b.shape, name
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  _assert_matches_lax(x, w, stride, padding, 4)
 
 
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])
@@ -188,10 +192,7 @@ def test_1x1_conv_matches_lax(padding):
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, 5, 6, 4), jnp.float32)
   w = jnp.asarray(rng.randn(1, 1, 4, 3), jnp.float32)
-  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, 1, padding, 1)
-  ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, 1, padding, 1)
-  for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), fast, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  _assert_matches_lax(x, w, 1, padding, 1)
 
 
 @pytest.mark.parametrize('kernel,stride,padding,groups,cin_per_group', [
