@@ -40,12 +40,14 @@ def _strided_slice(x_BxHxWxC, dy, dx, ho, wo, sh, sw):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`; NHWC depthwise convs as k*k shifted slices, 1x1 as dots.
+  """`lax.conv_general_dilated`; NHWC depthwise convs as k*k shifted slices, 1x1 as dots,
+  other dense convs with their own gradients on CPU (`_dense_conv_bwd`).
 
   XLA's CPU backend runs grouped convolutions 10-100x slower than PyTorch (forward and
   both gradients); the slices times the per-channel taps are elementwise ops that XLA
   fuses, with elementwise gradients. A 1x1 conv's kernel gradient is a GEMM as a dot but
-  a whole-image-window convolution as a conv, which XLA runs slowly.
+  a whole-image-window convolution as a conv, which XLA runs slowly; so is a k x k conv's,
+  and a strided conv's input gradient convolves a zero-dilated input.
   """
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
   kh, kw = rhs.shape[:2]
@@ -76,36 +78,40 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
-# Output positions per band of `_kernel_grad_banded`: the band's k*k shifted inputs then
-# stay in the L2 cache (VGG16 at 384: 384 positions x 576 columns ~ 0.9 MB).
-_BAND_POSITIONS = 512
+# Size of a band's im2col matrix in `_kernel_grad_banded`: of 0.75-12 MB, 6 MB gave the
+# fastest VGG16 kernel gradients at both 128 and 384 (`bin/bench.py`'s shapes).
+_BAND_BYTES = 6 << 20
 
 
 def _kernel_grad_banded(kernel_hw, strides, padding, precision, x_BxHxWxC, g_BxHoxWoxO):
   """dL/dW of a dense NHWC convolution, one GEMM per band of output rows.
 
-  A band's im2col matrix (its k*k shifted, strided inputs side by side) times its
-  output gradient, summed over bands and images. XLA's CPU backend computes this as a
-  convolution with an image-sized window, 4-7x slower than PyTorch at VGG16's
+  A band's transposed im2col matrix (its k*k shifted, strided inputs, channel-major)
+  times its output gradient, summed over bands and images. XLA's CPU backend computes
+  this as a convolution with an image-sized window, 4-7x slower than PyTorch at VGG16's
   high-resolution layers; the whole image's im2col matrix would be k*k times the input.
+  The input is transposed to channels-first once, so each band's matrix is the GEMM's
+  row-major K x P operand (the P x K one ran ~1.4x slower).
   """
   (kh, kw), (sh, sw) = kernel_hw, strides
   b, ho, wo, o = g_BxHoxWoxO.shape
-  c = x_BxHxWxC.shape[3]
-  x = lax.pad(x_BxHxWxC, jnp.zeros((), x_BxHxWxC.dtype),
-              [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)])
-  rows = max(r for r in range(1, ho + 1) if ho % r == 0 and (r == 1 or r * wo <= _BAND_POSITIONS))
+  c, itemsize = x_BxHxWxC.shape[3], x_BxHxWxC.dtype.itemsize
+  x_BxCxHxW = lax.pad(jnp.transpose(x_BxHxWxC, (0, 3, 1, 2)), jnp.zeros((), x_BxHxWxC.dtype),
+                      [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in padding)])
+  rows = max(r for r in range(1, ho + 1)
+             if ho % r == 0 and (r == 1 or r * wo * kh * kw * c * itemsize <= _BAND_BYTES))
   bands = ho // rows
-  in_rows = sh * (rows - 1) + kh
+  in_rows, wp = sh * (rows - 1) + kh, x_BxCxHxW.shape[3]
 
   def add_band(acc_KxO, index):
     image, band = index // bands, index % bands
-    x_band = lax.dynamic_slice(x, (image, band * rows * sh, 0, 0), (1, in_rows, x.shape[2], c))
-    cols = jnp.concatenate([_strided_slice(x_band, dy, dx, rows, wo, sh, sw)
-                            for dy in range(kh) for dx in range(kw)], axis=-1)
+    x_band = lax.dynamic_slice(x_BxCxHxW, (image, 0, band * rows * sh, 0), (1, c, in_rows, wp))[0]
+    cols_KxP = jnp.stack([
+        lax.slice(x_band, (0, dy, dx), (c, dy + sh * (rows - 1) + 1, dx + sw * (wo - 1) + 1),
+                  (1, sh, sw))
+        for dy in range(kh) for dx in range(kw)]).reshape(kh * kw * c, rows * wo)
     g_band = lax.dynamic_slice(g_BxHoxWoxO, (image, band * rows, 0, 0), (1, rows, wo, o))
-    return acc_KxO + lax.dot_general(cols.reshape(rows * wo, -1), g_band.reshape(rows * wo, o),
-                                     (((0,), (0,)), ((), ())), precision=precision), None
+    return acc_KxO + lax.dot(cols_KxP, g_band.reshape(rows * wo, o), precision=precision), None
 
   acc_KxO, _ = lax.scan(add_band, jnp.zeros((kh * kw * c, o), g_BxHoxWoxO.dtype),
                         jnp.arange(b * bands))

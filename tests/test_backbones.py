@@ -197,13 +197,17 @@ def test_1x1_conv_matches_lax(padding):
   _assert_matches_lax(x, w, 1, padding, 1)
 
 
-# Heights 40 and 37 give several bands (rows*width <= 512) and one row per band; stride 2
-# at even and odd sizes, TF-SAME's asymmetric pads, stride = kernel, stride > kernel.
+# The kernel gradient's bands: one row each, a few rows each (~8 at 3x3, stride 1), or the
+# whole image; a prime height has no bands of several rows. Stride 2 at even and odd
+# sizes, TF-SAME's asymmetric pads, stride = kernel, stride > kernel.
 @pytest.mark.parametrize('kernel,stride,padding', [
     (3, 1, 'SAME'), (3, 2, 'SAME'), (3, 2, ((0, 1), (0, 1))), (7, 2, ((3, 3), (3, 3))),
     (5, 3, 'VALID'), (2, 2, 'VALID'), (3, 1, ((2, 0), (1, 3))), (1, 2, 'SAME'), (1, 3, 'VALID')])
 @pytest.mark.parametrize('height', [40, 37])
-def test_dense_conv_matches_lax(kernel, stride, padding, height):
+@pytest.mark.parametrize('band_bytes', [1, 8 * 24 * 9 * 3 * 4, None])
+def test_dense_conv_matches_lax(kernel, stride, padding, height, band_bytes, monkeypatch):
+  if band_bytes:
+    monkeypatch.setattr(backbones, '_BAND_BYTES', band_bytes)
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, height, 24, 3), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, 3, 5), jnp.float32)
