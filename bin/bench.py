@@ -68,7 +68,10 @@ _COPEAK_MAPS = flags.DEFINE_list('copeak_maps', ['14', '28'], 'Feature map sides
 _COPEAK_CHANNELS = flags.DEFINE_integer('copeak_channels', 512, 'Feature channels there.')
 _COPEAK_PAIRS = flags.DEFINE_integer('copeak_pairs', 3, 'Image pairs (DeepCO3: batch 6).')
 _ROWS = flags.DEFINE_list('rows', ['train', 'infer', 'attention', 'copeak'], 'Which rows.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per framework and row.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per framework and row, at least; '
+                                 'short rows repeat until --min_seconds.')
+_MIN_SECONDS = flags.DEFINE_float('min_seconds', 3.0, 'Least time a row is timed for, both '
+                                  'frameworks together: a median of 5 millisecond runs is noise.')
 _PEAK = flags.DEFINE_float('peak_gflops', None, 'Machine peak FP32 GFLOP/s; default: '
                            'estimated from the CPU (see machine_info).')
 _OUT = flags.DEFINE_string('out', None, 'Write the results as JSON here.')
@@ -179,9 +182,10 @@ def _flops(jitted, args):
 class Bench:
   """Runs JAX/PyTorch pairs of callables and collects result rows."""
 
-  def __init__(self, peak_gflops, repeats):
+  def __init__(self, peak_gflops, repeats, min_seconds):
     self.peak = peak_gflops
     self.repeats = repeats
+    self.min_seconds = min_seconds
     self.gpu = jax.default_backend() == 'gpu'
     self.rows = []
 
@@ -206,7 +210,9 @@ class Bench:
     jax_mib = self._memory(jax_call, self.gpu)  # also the warm-up runs
     torch_mib = self._memory(torch_fn, False)
     times = {'jax': [], 'torch': [], 'jax_cpu': [], 'torch_cpu': []}
-    for _ in range(self.repeats):
+    start = time.perf_counter()
+    while (len(times['jax']) < self.repeats
+           or (time.perf_counter() - start < self.min_seconds and len(times['jax']) < 1000)):
       for fw, call in (('jax', jax_call), ('torch', torch_fn)):
         t0, c0 = time.perf_counter(), time.process_time()
         call()
@@ -407,7 +413,7 @@ def main(argv):
   if load_before[0] > os.cpu_count():
     print(f'warning: load average {load_before[0]} exceeds the {os.cpu_count()} CPUs; '
           'timings are unreliable', file=sys.stderr)
-  bench = Bench(peak, _REPEATS.value)
+  bench = Bench(peak, _REPEATS.value, _MIN_SECONDS.value)
   for size in map(int, _SIZES.value):
     if {'train', 'infer'} & set(_ROWS.value):
       multiclass_rows(bench, size)

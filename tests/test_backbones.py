@@ -205,23 +205,27 @@ def test_1x1_conv_matches_lax(padding):
     (5, 3, 'VALID'), (2, 2, 'VALID'), (3, 1, ((2, 0), (1, 3))), (1, 2, 'SAME'), (1, 3, 'VALID')])
 @pytest.mark.parametrize('height', [40, 37])
 @pytest.mark.parametrize('band_bytes', [1, 8 * 24 * 9 * 3 * 4, None])
-def test_dense_conv_matches_lax(kernel, stride, padding, height, band_bytes, monkeypatch):
+@pytest.mark.parametrize('tap_gemm', [True, False])  # the two input gradients of strided convs
+def test_dense_conv_matches_lax(kernel, stride, padding, height, band_bytes, tap_gemm, monkeypatch):
   if band_bytes:
     monkeypatch.setattr(backbones, '_BAND_BYTES', band_bytes)
+  monkeypatch.setattr(backbones, '_TAP_GEMM_CHANNELS', 4 if tap_gemm else 0)
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, height, 24, 3), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, 3, 5), jnp.float32)
   _assert_matches_lax(x, w, stride, padding, 1)
 
 
-def test_dense_conv_gradients_are_banded_gemms_and_phase_convs():
+@pytest.mark.parametrize('channels', [3, 16])  # one GEMM for all taps / phase convs
+def test_dense_conv_gradients_are_banded_gemms_and_phase_convs(channels):
   # The point of the custom gradients: no image-sized-window kernel-gradient conv and no
   # zero-dilated input-gradient conv reach XLA.
-  x, w = jnp.zeros((2, 16, 16, 3)), jnp.zeros((3, 3, 3, 4))
+  x, w = jnp.zeros((2, 16, 16, channels)), jnp.zeros((3, 3, channels, 4))
   f = lambda x, w: backbones.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=_NHWC)
   hlo = jax.jit(jax.grad(lambda x, w: f(x, w).sum(), argnums=(0, 1))).lower(x, w).compile().as_text()
   windows = re.findall(r'window=\{size=(\d+)x(\d+)', hlo)
-  assert windows and all(int(h) <= 3 and int(w) <= 3 for h, w in windows), windows
+  assert all(int(h) <= 3 and int(w) <= 3 for h, w in windows), windows
+  assert bool(windows) == (channels >= backbones._TAP_GEMM_CHANNELS)
   assert 'lhs_dilate' not in hlo and ' while(' in hlo
 
 
