@@ -67,7 +67,11 @@ _COPEAK_MAPS = flags.DEFINE_list('copeak_maps', ['14', '28'], 'Feature map sides
                                  'co-peak rows (448 input at stride 32 / 16).')
 _COPEAK_CHANNELS = flags.DEFINE_integer('copeak_channels', 512, 'Feature channels there.')
 _COPEAK_PAIRS = flags.DEFINE_integer('copeak_pairs', 3, 'Image pairs (DeepCO3: batch 6).')
-_ROWS = flags.DEFINE_list('rows', ['train', 'infer', 'attention', 'copeak'], 'Which rows.')
+_ROWS = flags.DEFINE_list('rows', ['train', 'infer', 'attention', 'convgrad', 'copeak'],
+                          'Which rows.')
+_LAX_CONV_GRADS = flags.DEFINE_bool('lax_conv_grads', False, 'convgrad rows differentiate '
+                                    'lax.conv_general_dilated (XLA\'s own gradients) instead '
+                                    'of backbones.conv_general_dilated.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per framework and row, at least; '
                                  'short rows repeat until --min_seconds.')
 _MIN_SECONDS = flags.DEFINE_float('min_seconds', 3.0, 'Least time a row is timed for, both '
@@ -353,6 +357,60 @@ def attention_rows(bench, size):
             lambda f: f(*qkv_j, cot_j), torch_grad)
 
 
+# (input side / 384 x size, input channels, output channels, kernel, stride) per conv.
+_VGG16_CONVS = [(1, 3, 64, 3, 1), (1, 64, 64, 3, 1), (2, 64, 128, 3, 1), (2, 128, 128, 3, 1),
+                (4, 128, 256, 3, 1), (4, 256, 256, 3, 1), (4, 256, 256, 3, 1),
+                (8, 256, 512, 3, 1), (8, 512, 512, 3, 1), (8, 512, 512, 3, 1),
+                (16, 512, 512, 3, 1), (16, 512, 512, 3, 1), (16, 512, 512, 3, 1)]
+_RESNET50_STRIDED = [(1, 3, 64, 7, 2), (4, 128, 128, 3, 2), (8, 256, 256, 3, 2),
+                     (16, 512, 512, 3, 2)]
+
+
+def convgrad_rows(bench, size):
+  """The convolution gradients the training step spends most on, layer by layer, summed:
+  VGG16's kernel gradients (the generator's encoder) and the input gradients of ResNet-50's
+  strided k x k convs (the extractor, B(K+1) masked images)."""
+  conv_fn = jax.lax.conv_general_dilated if _LAX_CONV_GRADS.value else backbones.conv_general_dilated
+  rng = np.random.default_rng(7)
+  for name, convs, images, wrt in (('VGG16 kernel gradients', _VGG16_CONVS, _BATCH.value, 'kernel'),
+                                   ('ResNet-50 strided input gradients', _RESNET50_STRIDED,
+                                    _BATCH.value * (_CLASSES.value + 1), 'input')):
+    layers = []
+    for down, cin, cout, k, s in convs:
+      side = size // down
+      x = rng.normal(size=(images, side, side, cin)).astype(np.float32)
+      w = (rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
+      out = -(-side // s)
+      g = rng.normal(size=(images, out, out, cout)).astype(np.float32)
+      layers.append((x, w, g, s, (k - 1) // 2))
+    args = [tuple(jnp.asarray(a) for a in layer[:3]) for layer in layers]
+    static = [layer[3:] for layer in layers]
+
+    @jax.jit
+    def grads(args):
+      out = []
+      for (x, w, g), (s, p) in zip(args, static):
+        conv = lambda x, w: conv_fn(x, w, (s, s), ((p, p), (p, p)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        _, vjp = jax.vjp((lambda w: conv(x, w)) if wrt == 'kernel' else (lambda x: conv(x, w)),
+                         w if wrt == 'kernel' else x)
+        out.append(vjp(g)[0])
+      return out
+
+    layers_t = [tuple(torch.from_numpy(np.ascontiguousarray(a.transpose(perm)))
+                      for a, perm in zip(layer[:3], ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))))
+                + layer[3:] for layer in layers]
+    mask = [wrt == 'input', wrt == 'kernel', False]
+
+    def torch_grads():
+      return [torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False,
+                                                  [0, 0], 1, mask)
+              for x, w, g, s, p in layers_t]
+
+    bench.run(name, f'{images}x{size}x{size}, {len(convs)} convs', grads, (args,),
+              lambda f: f(args), torch_grads)
+
+
 def copeak_rows(bench, side):
   """4D correlation + co-peak maxima of `pairs` pairs of side x side feature maps."""
   p, c = _COPEAK_PAIRS.value, _COPEAK_CHANNELS.value
@@ -419,6 +477,8 @@ def main(argv):
       multiclass_rows(bench, size)
     if 'attention' in _ROWS.value:
       attention_rows(bench, size)
+    if 'convgrad' in _ROWS.value:
+      convgrad_rows(bench, size)
   if 'copeak' in _ROWS.value:
     for side in map(int, _COPEAK_MAPS.value):
       copeak_rows(bench, side)
