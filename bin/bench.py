@@ -6,8 +6,8 @@
 Rows (SPEC §7): the multi-class training step (generator + attention + frozen extractor
 + co-attention loss, forward, backward and the Adam update), inference per image, mutual
 attention alone (forward; forward + backward), and the DeepCO3 4D correlation + co-peak
-maxima at 448 input. Per row: the median wall time of each framework over interleaved
-runs (JAX, PyTorch, JAX, ...: both see the same machine load), the JAX/PyTorch ratio,
+maxima at 448 input. Per row: the median wall time of each framework over alternating
+blocks of runs (both see the same drift in machine load; see `Bench.run`), the JAX/PyTorch ratio,
 the ratio of process CPU time (all threads; steadier while other processes load the
 machine, but it counts threads that spin-wait), peak memory, and GFLOP/s from XLA's cost
 analysis of the function (`_flops`; the same count is used for PyTorch) against the
@@ -74,6 +74,7 @@ _LAX_CONV_GRADS = flags.DEFINE_bool('lax_conv_grads', False, 'convgrad rows diff
                                     'of backbones.conv_general_dilated.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per framework and row, at least; '
                                  'short rows repeat until --min_seconds.')
+_BLOCK = flags.DEFINE_integer('block', 2, 'Timed runs per framework in a row, after one untimed.')
 _MIN_SECONDS = flags.DEFINE_float('min_seconds', 3.0, 'Least time a row is timed for, both '
                                   'frameworks together: a median of 5 millisecond runs is noise.')
 _PEAK = flags.DEFINE_float('peak_gflops', None, 'Machine peak FP32 GFLOP/s; default: '
@@ -217,11 +218,17 @@ class Bench:
     start = time.perf_counter()
     while (len(times['jax']) < self.repeats
            or (time.perf_counter() - start < self.min_seconds and len(times['jax']) < 1000)):
+      # Blocks of runs, alternating frameworks: both see the same drift in machine load, and
+      # each is timed in its steady state, as in a training loop. The first run after a
+      # switch is not timed: right after PyTorch, JAX's 384 Lite0 step took 3.0-3.4 s
+      # instead of 2.2-2.5 (the allocator's state), which measures the mix, not JAX.
       for fw, call in (('jax', jax_call), ('torch', torch_fn)):
-        t0, c0 = time.perf_counter(), time.process_time()
         call()
-        times[fw].append(time.perf_counter() - t0)
-        times[f'{fw}_cpu'].append(time.process_time() - c0)
+        for _ in range(_BLOCK.value):
+          t0, c0 = time.perf_counter(), time.process_time()
+          call()
+          times[fw].append(time.perf_counter() - t0)
+          times[f'{fw}_cpu'].append(time.process_time() - c0)
     ms = {k: _median_ms(v) / per for k, v in times.items()}
     jax_ms, torch_ms = ms['jax'], ms['torch']
     row = {'name': name, 'shape': shape, 'jax_ms': jax_ms, 'torch_ms': torch_ms,
