@@ -20,17 +20,35 @@ def check_one_of(field, value, allowed):
     raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')
 
 
+# SIGTERMs received inside `sigterm_as_interrupt`. Python drops an exception raised in a
+# garbage-collector callback (JAX registers one) after printing it, so the interrupt the
+# handler raised may never reach the run; this record outlives it.
+_received = []
+
+
 def _interrupt(signum, frame):
-  del signum, frame
+  del frame
+  _received.append(signum)
   raise KeyboardInterrupt
+
+
+def raise_if_interrupted():
+  """KeyboardInterrupt if a SIGTERM arrived whose interrupt may have been dropped."""
+  if _received:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
   """SIGTERM raises KeyboardInterrupt inside the block, so a cluster's stop request takes the
-  same path as Ctrl-C (checkpoint, message, exit 130) instead of killing without a word."""
+  same path as Ctrl-C (checkpoint, message, exit 130) instead of killing without a word.
+  A SIGTERM whose interrupt was dropped stops the run at the next `raise_if_interrupted()`
+  (the trainer calls it) or at the end of the block."""
   old = signal.signal(signal.SIGTERM, _interrupt)
+  _received.clear()
   try:
     yield
+    raise_if_interrupted()
   finally:
     signal.signal(signal.SIGTERM, old)
+    _received.clear()

@@ -26,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from coseg_jax import errors
 from coseg_jax import fileio
 from coseg_jax import progress
 from coseg_jax.errors import DivergedError
@@ -154,6 +155,7 @@ class _StopRequested:
     self._old = {}
 
   def __enter__(self):
+    errors.raise_if_interrupted()
     for s in (signal.SIGINT, signal.SIGTERM):
       try:
         self._old[s] = signal.signal(s, self._handle)

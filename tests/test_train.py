@@ -119,3 +119,28 @@ def test_head_lr_mult_scales_only_layers_trained_from_scratch():
   upd, _ = opt.update(g, opt.init(p), p)
   np.testing.assert_allclose(upd['encoder']['w'], [-0.1], rtol=1e-5)
   np.testing.assert_allclose(upd['classifier']['w'], [-1.0], rtol=1e-5)
+
+
+def _swallowed_sigterm():
+  """A SIGTERM whose KeyboardInterrupt is lost, as when it lands in a gc callback."""
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):  # the handler runs at the next bytecode boundary
+      pass
+  except KeyboardInterrupt:
+    pass
+
+
+def test_dropped_sigterm_interrupt_still_stops_the_run():
+  from coseg_jax import errors
+  with pytest.raises(KeyboardInterrupt):
+    with errors.sigterm_as_interrupt():
+      _swallowed_sigterm()
+  # The trainer refuses to start once one was received.
+  with pytest.raises(KeyboardInterrupt):
+    with errors.sigterm_as_interrupt():
+      _swallowed_sigterm()
+      with train._StopRequested():
+        pytest.fail('training started after a SIGTERM')
+  with errors.sigterm_as_interrupt():  # a fresh block starts clean
+    pass
