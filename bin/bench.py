@@ -174,22 +174,24 @@ def _median_ms(times):
   return 1e3 * statistics.median(times)
 
 
-def _flops(jitted, args):
-  """XLA's FLOP count of `jitted` lowered with `lax.platform_dependent`'s non-CPU branches.
+def _flops(traced):
+  """XLA's FLOP count of a traced function lowered with `lax.platform_dependent`'s non-CPU
+  branches.
 
   The CPU branch of the convolutions' kernel gradient is a loop over bands, whose body
   the cost analysis counts once; the other branch is XLA's convolution, the same FLOPs.
   """
-  lowered = jitted.trace(*args).lower(lowering_platforms=('tpu',))
+  lowered = traced.lower(lowering_platforms=('tpu',))
   return float(lowered.cost_analysis().get('flops', 0.0))
 
 
 class Bench:
   """Runs JAX/PyTorch pairs of callables and collects result rows."""
 
-  def __init__(self, peak_gflops, repeats, min_seconds):
+  def __init__(self, peak_gflops, repeats, block, min_seconds):
     self.peak = peak_gflops
     self.repeats = repeats
+    self.block = block
     self.min_seconds = min_seconds
     self.gpu = jax.default_backend() == 'gpu'
     self.rows = []
@@ -206,9 +208,10 @@ class Bench:
     """Compiles `jitted` for `args` (FLOP count, XLA's memory plan); `jax_fn(compiled)` and
     `torch_fn()` run one step each (they may carry state). Times are divided by `per`."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    traced = jitted.trace(*args)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(jitted, args)
+    flops = _flops(traced)
     mem = compiled.memory_analysis()  # buffers a call allocates beyond its arguments
     plan_mib = (mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes) / MIB
     jax_call = lambda: jax.block_until_ready(jax_fn(compiled))
@@ -224,7 +227,7 @@ class Bench:
       # instead of 2.2-2.5 (the allocator's state), which measures the mix, not JAX.
       for fw, call in (('jax', jax_call), ('torch', torch_fn)):
         call()
-        for _ in range(_BLOCK.value):
+        for _ in range(self.block):
           t0, c0 = time.perf_counter(), time.process_time()
           call()
           times[fw].append(time.perf_counter() - t0)
@@ -364,13 +367,17 @@ def attention_rows(bench, size):
             lambda f: f(*qkv_j, cot_j), torch_grad)
 
 
-# (input side / 384 x size, input channels, output channels, kernel, stride) per conv.
-_VGG16_CONVS = [(1, 3, 64, 3, 1), (1, 64, 64, 3, 1), (2, 64, 128, 3, 1), (2, 128, 128, 3, 1),
-                (4, 128, 256, 3, 1), (4, 256, 256, 3, 1), (4, 256, 256, 3, 1),
-                (8, 256, 512, 3, 1), (8, 512, 512, 3, 1), (8, 512, 512, 3, 1),
-                (16, 512, 512, 3, 1), (16, 512, 512, 3, 1), (16, 512, 512, 3, 1)]
-_RESNET50_STRIDED = [(1, 3, 64, 7, 2), (4, 128, 128, 3, 2), (8, 256, 256, 3, 2),
-                     (16, 512, 512, 3, 2)]
+def _convgrad_layers():
+  """(input downsampling, input channels, output channels, kernel, stride) of VGG16's convs
+  and of ResNet-50's strided k x k convs (torchvision: the stem and each layer's first 3x3)."""
+  vgg, cin = [], 3
+  for s, widths in enumerate(backbones._VGG16_STAGES):
+    for width in widths:
+      vgg.append((2**s, cin, width, 3, 1))
+      cin = width
+  resnet = [(1, 3, 64, 7, 2)] + [(2**i, width, width, 3, 2)
+                                 for i, (width, _) in enumerate(backbones._RESNET50_LAYERS[1:], 2)]
+  return vgg, resnet
 
 
 def convgrad_rows(bench, size):
@@ -379,8 +386,9 @@ def convgrad_rows(bench, size):
   strided k x k convs (the extractor, B(K+1) masked images)."""
   conv_fn = jax.lax.conv_general_dilated if _LAX_CONV_GRADS.value else backbones.conv_general_dilated
   rng = np.random.default_rng(7)
-  for name, convs, images, wrt in (('VGG16 kernel gradients', _VGG16_CONVS, _BATCH.value, 'kernel'),
-                                   ('ResNet-50 strided input gradients', _RESNET50_STRIDED,
+  vgg, resnet = _convgrad_layers()
+  for name, convs, images, wrt in (('VGG16 kernel gradients', vgg, _BATCH.value, 'kernel'),
+                                   ('ResNet-50 strided input gradients', resnet,
                                     _BATCH.value * (_CLASSES.value + 1), 'input')):
     layers = []
     for down, cin, cout, k, s in convs:
@@ -478,7 +486,7 @@ def main(argv):
   if load_before[0] > os.cpu_count():
     print(f'warning: load average {load_before[0]} exceeds the {os.cpu_count()} CPUs; '
           'timings are unreliable', file=sys.stderr)
-  bench = Bench(peak, _REPEATS.value, _MIN_SECONDS.value)
+  bench = Bench(peak, _REPEATS.value, _BLOCK.value, _MIN_SECONDS.value)
   for size in map(int, _SIZES.value):
     if {'train', 'infer'} & set(_ROWS.value):
       multiclass_rows(bench, size)
