@@ -294,8 +294,8 @@ def multiclass_rows(bench, size):
     tc = train.TrainConfig(epochs=1, batch_size=batch, learning_rate=1e-5, weight_decay=5e-4)
     optimizer = train.make_optimizer(tc)
     loss_fn = functools.partial(multiclass.loss_fn, gen, extractor, cfg.loss)
-    step = jax.jit(functools.partial(train.train_step, loss_fn, optimizer), donate_argnums=(0,))
-    # The step donates its state: give it its own copy of the parameters.
+    step = train.jit_step(loss_fn, optimizer, train.data_mesh(batch))
+    # Off CPU the step donates its state: give it its own copy of the parameters.
     own = jax.tree.map(jnp.copy, params)
     holder = {'state': {'params': own, 'opt_state': optimizer.init(own),
                         'step': jnp.zeros((), jnp.int32)}}

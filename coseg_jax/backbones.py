@@ -87,34 +87,39 @@ def _kernel_grad_banded(kernel_hw, strides, padding, precision, x_BxHxWxC, g_BxH
   """dL/dW of a dense NHWC convolution, one GEMM per band of output rows.
 
   A band's transposed im2col matrix (its k*k shifted, strided inputs, channel-major)
-  times its output gradient, summed over bands and images. XLA's CPU backend computes
-  this as a convolution with an image-sized window, 4-7x slower than PyTorch at VGG16's
+  times its output gradient, summed over bands. XLA's CPU backend computes this as a
+  convolution with an image-sized window, 4-7x slower than PyTorch at VGG16's
   high-resolution layers; the whole image's im2col matrix would be k*k times the input.
   The input is transposed to channels-first once, so each band's matrix is the GEMM's
-  row-major K x P operand (the P x K one ran ~1.4x slower).
+  row-major K x P operand (the P x K one ran ~1.4x slower). Where whole images fit in a
+  band, a band holds several (VGG16's 8x8 layers at 128 px: 1.5x faster).
   """
   (kh, kw), (sh, sw) = kernel_hw, strides
   b, ho, wo, o = g_BxHoxWoxO.shape
   c, itemsize = x_BxHxWxC.shape[3], x_BxHxWxC.dtype.itemsize
-  x_BxCxHxW = lax.pad(jnp.transpose(x_BxHxWxC, (0, 3, 1, 2)), jnp.zeros((), x_BxHxWxC.dtype),
+  x_CxBxHxW = lax.pad(jnp.transpose(x_BxHxWxC, (3, 0, 1, 2)), jnp.zeros((), x_BxHxWxC.dtype),
                       [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in padding)])
-  rows = max(r for r in range(1, ho + 1)
-             if ho % r == 0 and (r == 1 or r * wo * kh * kw * c * itemsize <= _BAND_BYTES))
+  row_bytes = wo * kh * kw * c * itemsize
+  fits = lambda n: n == 1 or n * row_bytes <= _BAND_BYTES
+  rows = max(r for r in range(1, ho + 1) if ho % r == 0 and fits(r))
+  images = max(n for n in range(1, b + 1) if b % n == 0 and (n == 1 or fits(n * ho)))
   bands = ho // rows
-  in_rows, wp = sh * (rows - 1) + kh, x_BxCxHxW.shape[3]
+  in_rows, wp = sh * (rows - 1) + kh, x_CxBxHxW.shape[3]
 
   def add_band(acc_KxO, index):
-    image, band = index // bands, index % bands
-    x_band = lax.dynamic_slice(x_BxCxHxW, (image, 0, band * rows * sh, 0), (1, c, in_rows, wp))[0]
+    image, band = index // bands * images, index % bands
+    x_band = lax.dynamic_slice(x_CxBxHxW, (0, image, band * rows * sh, 0),
+                               (c, images, in_rows, wp))
     cols_KxP = jnp.stack([
-        lax.slice(x_band, (0, dy, dx), (c, dy + sh * (rows - 1) + 1, dx + sw * (wo - 1) + 1),
-                  (1, sh, sw))
-        for dy in range(kh) for dx in range(kw)]).reshape(kh * kw * c, rows * wo)
-    g_band = lax.dynamic_slice(g_BxHoxWoxO, (image, band * rows, 0, 0), (1, rows, wo, o))
-    return acc_KxO + lax.dot(cols_KxP, g_band.reshape(rows * wo, o), precision=precision), None
+        lax.slice(x_band, (0, 0, dy, dx),
+                  (c, images, dy + sh * (rows - 1) + 1, dx + sw * (wo - 1) + 1), (1, 1, sh, sw))
+        for dy in range(kh) for dx in range(kw)]).reshape(kh * kw * c, images * rows * wo)
+    g_band = lax.dynamic_slice(g_BxHoxWoxO, (image, band * rows, 0, 0), (images, rows, wo, o))
+    return acc_KxO + lax.dot(cols_KxP, g_band.reshape(images * rows * wo, o),
+                             precision=precision), None
 
   acc_KxO, _ = lax.scan(add_band, jnp.zeros((kh * kw * c, o), g_BxHoxWoxO.dtype),
-                        jnp.arange(b * bands))
+                        jnp.arange(b // images * bands))
   return acc_KxO.reshape(kh, kw, c, o)
 
 
@@ -142,7 +147,7 @@ def _input_grad_phases(x_shape, strides, padding, precision, w_KxKxCxO, g_BxHoxW
   u, v = -(-(h + plo + phi) // sh), -(-(wd + qlo + qhi) // sw)  # phase sizes
   if c < _TAP_GEMM_CHANNELS:
     # Channels before positions: each tap's block is contiguous, and the GEMM writes it so.
-    taps_KxKxCxBxHoxWo = jnp.einsum('ijco,bhwo->ijcbhw', w_KxKxCxO, g_BxHoxWoxO,
+    taps_BxHoxWoxKxKxC = jnp.einsum('ijco,bhwo->bhwijc', w_KxKxCxO, g_BxHoxWoxO,
                                     precision=precision)
 
   def phase(ry, rx):
@@ -151,10 +156,9 @@ def _input_grad_phases(x_shape, strides, padding, precision, w_KxKxCxO, g_BxHoxW
       return jnp.zeros((b, u, v, c), g_BxHoxWoxO.dtype)
     if c < _TAP_GEMM_CHANNELS:
       zero = jnp.zeros((), g_BxHoxWoxO.dtype)
-      out_CxBxUxV = sum(lax.pad(taps_KxKxCxBxHoxWo[ry + sh * ty, rx + sw * tx], zero,
-                                [(0, 0, 0), (0, 0, 0), (ty, u - ho - ty, 0), (tx, v - wo - tx, 0)])
-                        for ty in range(my) for tx in range(mx))
-      return jnp.transpose(out_CxBxUxV, (1, 2, 3, 0))
+      return sum(lax.pad(taps_BxHoxWoxKxKxC[:, :, :, ry + sh * ty, rx + sw * tx], zero,
+                         [(0, 0, 0), (ty, u - ho - ty, 0), (tx, v - wo - tx, 0), (0, 0, 0)])
+                 for ty in range(my) for tx in range(mx))
     k_MxNxOxC = jnp.swapaxes(jnp.flip(w_KxKxCxO[ry::sh, rx::sw], (0, 1)), 2, 3)
     return lax.conv_general_dilated(g_BxHoxWoxO, k_MxNxOxC, (1, 1),
                                     ((my - 1, u - ho), (mx - 1, v - wo)),
@@ -195,18 +199,44 @@ def _dense_conv_bwd(strides, padding, precision, residuals, g):
 _dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x_BxHxWxC, k, s, pad=0):
   """k x k max-pool, stride s, -inf padding, as a max of k*k strided slices.
 
-  Same forward as `nn.max_pool`; its backward is elementwise where XLA's CPU backend
-  lowers `nn.max_pool`'s select-and-scatter to an arg-max `reduce_window` plus a scatter
-  (10-100x the forward). Exact ties share the gradient (`jnp.maximum`) instead of giving
-  it to the first maximum.
+  Same forward and gradient as `nn.max_pool` (ties: the first maximum in the window, as
+  in PyTorch). XLA's CPU backend lowers `nn.max_pool`'s select-and-scatter to an arg-max
+  `reduce_window` plus a scatter (10-100x the forward), and differentiating the max of
+  slices recomputes the running maxima for every tap inside one fusion (ResNet-50's stem:
+  ~1/9 of the extractor's backward at 128 px); the backward here reads a stored tap index.
   """
+  return _max_pool_fwd(x_BxHxWxC, k, s, pad)[0]
+
+
+def _max_pool_fwd(x_BxHxWxC, k, s, pad):
   x = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
   ho, wo = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
-  return functools.reduce(jnp.maximum, [_strided_slice(x, dy, dx, ho, wo, s, s)
-                                        for dy in range(k) for dx in range(k)])
+  taps = [_strided_slice(x, dy, dx, ho, wo, s, s) for dy in range(k) for dx in range(k)]
+  y = functools.reduce(jnp.maximum, taps)
+  first_BxHoxWoxC = functools.reduce(
+      lambda index, t: jnp.where(taps[t] == y, jnp.int8(t), index), reversed(range(k * k)),
+      jnp.zeros(y.shape, jnp.int8))
+  return y, (first_BxHoxWoxC, x_BxHxWxC.shape)
+
+
+def _max_pool_bwd(k, s, pad, residuals, g_BxHoxWoxC):
+  first_BxHoxWoxC, (b, h, w, c) = residuals
+  _, ho, wo, _ = g_BxHoxWoxC.shape
+  hp, wp = h + 2 * pad, w + 2 * pad
+  zero = jnp.zeros((), g_BxHoxWoxC.dtype)
+  # Each tap's share, placed on its strided grid of the padded input.
+  dx = sum(lax.pad(jnp.where(first_BxHoxWoxC == dy * k + dx, g_BxHoxWoxC, zero), zero,
+                   [(0, 0, 0), (dy, hp - dy - s * (ho - 1) - 1, s - 1),
+                    (dx, wp - dx - s * (wo - 1) - 1, s - 1), (0, 0, 0)])
+           for dy in range(k) for dx in range(k))
+  return (dx[:, pad:pad + h, pad:pad + w],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @jax.custom_jvp

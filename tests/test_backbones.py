@@ -216,6 +216,18 @@ def test_dense_conv_matches_lax(kernel, stride, padding, height, band_bytes, tap
   _assert_matches_lax(x, w, stride, padding, 1)
 
 
+def test_kernel_gradient_bands_of_whole_images(monkeypatch):
+  # Room for two whole 3x3-conv images per band: 2 bands of 2 of the 4 images.
+  monkeypatch.setattr(backbones, '_BAND_BYTES', 2 * 10 * 12 * 9 * 3 * 4)
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(4, 10, 12, 3), jnp.float32)
+  w = jnp.asarray(rng.randn(3, 3, 3, 5), jnp.float32)
+  hlo = jax.jit(jax.grad(lambda w: backbones.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=_NHWC).sum())).lower(w).compile().as_text()
+  assert 'f32[27,240]' in hlo and ' while(' in hlo  # a K x P band of two images, two bands
+  _assert_matches_lax(x, w, 1, 'SAME', 1)
+
+
 @pytest.mark.parametrize('channels', [3, 16])  # one GEMM for all taps / phase convs
 def test_dense_conv_gradients_are_banded_gemms_and_phase_convs(channels):
   # The point of the custom gradients: no image-sized-window kernel-gradient conv and no
@@ -226,7 +238,7 @@ def test_dense_conv_gradients_are_banded_gemms_and_phase_convs(channels):
   windows = re.findall(r'window=\{size=(\d+)x(\d+)', hlo)
   assert all(int(h) <= 3 and int(w) <= 3 for h, w in windows), windows
   assert bool(windows) == (channels >= backbones._TAP_GEMM_CHANNELS)
-  assert 'lhs_dilate' not in hlo and ' while(' in hlo
+  assert 'lhs_dilate' not in hlo and ' dot(' in hlo
 
 
 @pytest.mark.parametrize('kernel,stride,padding,groups,cin_per_group', [
@@ -252,17 +264,20 @@ def test_lite0_convolutions_are_slices_and_dots():
   assert groups and set(groups) == {'1'}
 
 
+@pytest.mark.parametrize('ties', [False, True])
 @pytest.mark.parametrize('k,s,pad,size', [(2, 2, 0, 8), (2, 2, 0, 7), (3, 2, 1, 8), (3, 2, 1, 7)])
-def test_max_pool_matches_flax(k, s, pad, size):
-  # A permutation: no ties, so the gradient goes to the same single maximum.
-  x = jnp.asarray(np.random.RandomState(0).permutation(2 * size * 5 * 3).reshape(2, size, 5, 3),
-                  jnp.float32)
+def test_max_pool_matches_flax(k, s, pad, size, ties):
+  # Ties (values from {0, 1, 2}, as after a ReLU) must send the gradient to the first
+  # maximum of each window, as flax's select-and-scatter and PyTorch do.
+  values = np.random.RandomState(0).permutation(2 * size * 5 * 3)
+  x = jnp.asarray((values % 3 if ties else values).reshape(2, size, 5, 3), jnp.float32)
   flax_pool = lambda x: flax_nn.max_pool(x, (k, k), strides=(s, s), padding=((pad, pad),) * 2)
   ours = lambda x: backbones.max_pool(x, k, s, pad)
   np.testing.assert_array_equal(ours(x), flax_pool(x))
   cotangent = jnp.asarray(np.random.RandomState(1).randn(*flax_pool(x).shape), jnp.float32)
   grads = [jax.vjp(f, x)[1](cotangent)[0] for f in (ours, flax_pool)]
-  np.testing.assert_array_equal(*grads)
+  # Overlapping windows add their shares in another order.
+  np.testing.assert_allclose(*grads, rtol=1e-6, atol=1e-6)
 
 
 def test_relu6_matches_jax():
