@@ -146,7 +146,8 @@ def _input_grad_phases(x_shape, strides, padding, precision, w_KxKxCxO, g_BxHoxW
   _, ho, wo, _ = g_BxHoxWoxO.shape
   u, v = -(-(h + plo + phi) // sh), -(-(wd + qlo + qhi) // sw)  # phase sizes
   if c < _TAP_GEMM_CHANNELS:
-    # Channels before positions: each tap's block is contiguous, and the GEMM writes it so.
+    # Positions first, as g is: with taps first XLA wrote g channels-first from inside the
+    # fusion that produces it (ResNet-50's stem backward: 36 vs ~8 ms at 12 x 128 px).
     taps_BxHoxWoxKxKxC = jnp.einsum('ijco,bhwo->bhwijc', w_KxKxCxO, g_BxHoxWoxO,
                                     precision=precision)
 
@@ -203,11 +204,11 @@ _dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 def max_pool(x_BxHxWxC, k, s, pad=0):
   """k x k max-pool, stride s, -inf padding, as a max of k*k strided slices.
 
-  Same forward and gradient as `nn.max_pool` (ties: the first maximum in the window, as
-  in PyTorch). XLA's CPU backend lowers `nn.max_pool`'s select-and-scatter to an arg-max
-  `reduce_window` plus a scatter (10-100x the forward), and differentiating the max of
-  slices recomputes the running maxima for every tap inside one fusion (ResNet-50's stem:
-  ~1/9 of the extractor's backward at 128 px); the backward here reads a stored tap index.
+  Same forward and gradient as `nn.max_pool`: a window's gradient goes to its first
+  maximum, as in PyTorch (differentiating `jnp.maximum` would split ties, which the flat
+  regions of masked images have). XLA's CPU backend lowers `nn.max_pool`'s
+  select-and-scatter to an arg-max `reduce_window` plus a scatter, 10-100x the forward;
+  here the backward is elementwise, from the first maximum's tap index.
   """
   return _max_pool_fwd(x_BxHxWxC, k, s, pad)[0]
 
@@ -229,11 +230,12 @@ def _max_pool_bwd(k, s, pad, residuals, g_BxHoxWoxC):
   hp, wp = h + 2 * pad, w + 2 * pad
   zero = jnp.zeros((), g_BxHoxWoxC.dtype)
   # Each tap's share, placed on its strided grid of the padded input.
-  dx = sum(lax.pad(jnp.where(first_BxHoxWoxC == dy * k + dx, g_BxHoxWoxC, zero), zero,
-                   [(0, 0, 0), (dy, hp - dy - s * (ho - 1) - 1, s - 1),
-                    (dx, wp - dx - s * (wo - 1) - 1, s - 1), (0, 0, 0)])
-           for dy in range(k) for dx in range(k))
-  return (dx[:, pad:pad + h, pad:pad + w],)
+  grad_BxHpxWpxC = sum(
+      lax.pad(jnp.where(first_BxHoxWoxC == dy * k + dx, g_BxHoxWoxC, zero), zero,
+              [(0, 0, 0), (dy, hp - dy - s * (ho - 1) - 1, s - 1),
+               (dx, wp - dx - s * (wo - 1) - 1, s - 1), (0, 0, 0)])
+      for dy in range(k) for dx in range(k))
+  return (grad_BxHpxWpxC[:, pad:pad + h, pad:pad + w],)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
