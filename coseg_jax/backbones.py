@@ -225,7 +225,7 @@ def _max_pool_fwd(x_BxHxWxC, k, s, pad):
 
 
 def _max_pool_bwd(k, s, pad, residuals, g_BxHoxWoxC):
-  first_BxHoxWoxC, (b, h, w, c) = residuals
+  first_BxHoxWoxC, (_, h, w, _) = residuals
   _, ho, wo, _ = g_BxHoxWoxC.shape
   hp, wp = h + 2 * pad, w + 2 * pad
   zero = jnp.zeros((), g_BxHoxWoxC.dtype)

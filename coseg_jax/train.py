@@ -143,9 +143,9 @@ def jit_step(loss_fn, optimizer, mesh):
   """`train_step` compiled for `mesh`: batch split over 'data', everything else replicated.
 
   The state is donated on accelerators only. On CPU, XLA copies every donated parameter
-  that the backward still reads when its update could already run (all the conv kernels),
-  which made the 128 px thesis step ~6% slower (`bin/bench.py --rows=train`); host memory
-  holds the second state easily.
+  that the backward still reads when its update could already run (all the conv kernels):
+  the 128 px thesis step took 661-695 ms donated, 619-653 not (BENCHMARKS.md, change 14).
+  Host memory holds the second state easily.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
