@@ -1,6 +1,7 @@
 """User-facing input errors (one line, exit status 2), and SIGTERM as an interrupt."""
 import contextlib
 import signal
+import sys
 
 
 class InputError(Exception):
@@ -44,11 +45,19 @@ def sigterm_as_interrupt():
   same path as Ctrl-C (checkpoint, message, exit 130) instead of killing without a word.
   A SIGTERM whose interrupt was dropped stops the run at the next `raise_if_interrupted()`
   (the trainer calls it) or at the end of the block."""
-  old = signal.signal(signal.SIGTERM, _interrupt)
+  old, old_hook = signal.signal(signal.SIGTERM, _interrupt), sys.unraisablehook
+
+  def unraisable(info):
+    # Python reports the dropped interrupt with a traceback; the record stops the run.
+    if not (_received and issubclass(info.exc_type, KeyboardInterrupt)):
+      old_hook(info)
+
   _received.clear()
+  sys.unraisablehook = unraisable
   try:
     yield
     raise_if_interrupted()
   finally:
     signal.signal(signal.SIGTERM, old)
+    sys.unraisablehook = old_hook
     _received.clear()

@@ -1,6 +1,8 @@
+import gc
 import json
 import os
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +146,29 @@ def test_dropped_sigterm_interrupt_still_stops_the_run():
         pytest.fail('training started after a SIGTERM')
   with errors.sigterm_as_interrupt():  # a fresh block starts clean
     pass
+
+
+def test_sigterm_in_a_gc_callback_stops_the_run_without_a_traceback(monkeypatch):
+  # JAX's gc callback is where a SIGTERM's KeyboardInterrupt was dropped, with Python
+  # printing "Exception ignored in ..." and a traceback to stderr.
+  from coseg_jax import errors
+  reported = []  # what Python would print as "Exception ignored in ..."
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+
+  def callback(phase, info):
+    del info
+    if phase == 'start':
+      gc.callbacks.remove(callback)
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(1000):  # the handler raises here, inside the callback
+        pass
+
+  with pytest.raises(KeyboardInterrupt):
+    with errors.sigterm_as_interrupt():
+      gc.callbacks.append(callback)
+      gc.collect()
+      assert errors._received  # the interrupt did not get out of the callback
+  assert not reported
 
 
 def test_step_donates_its_state_only_off_cpu():
