@@ -123,12 +123,16 @@ def test_head_lr_mult_scales_only_layers_trained_from_scratch():
   np.testing.assert_allclose(upd['classifier']['w'], [-1.0], rtol=1e-5)
 
 
+def _sigterm_self():
+  os.kill(os.getpid(), signal.SIGTERM)
+  for _ in range(1000):  # the handler runs at the next bytecode boundary
+    pass
+
+
 def _swallowed_sigterm():
   """A SIGTERM whose KeyboardInterrupt is lost, as when it lands in a gc callback."""
   try:
-    os.kill(os.getpid(), signal.SIGTERM)
-    for _ in range(1000):  # the handler runs at the next bytecode boundary
-      pass
+    _sigterm_self()
   except KeyboardInterrupt:
     pass
 
@@ -159,9 +163,7 @@ def test_sigterm_in_a_gc_callback_stops_the_run_without_a_traceback(monkeypatch)
     del info
     if phase == 'start':
       gc.callbacks.remove(callback)
-      os.kill(os.getpid(), signal.SIGTERM)
-      for _ in range(1000):  # the handler raises here, inside the callback
-        pass
+      _sigterm_self()  # the handler raises here, inside the callback
 
   with pytest.raises(KeyboardInterrupt):
     with errors.sigterm_as_interrupt():
