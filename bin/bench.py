@@ -36,24 +36,25 @@ import sys
 import threading
 import time
 
+from absl import app
+from absl import flags
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from absl import app
-from absl import flags
-from flax import traverse_util
 
-from coseg_jax import attention
-from coseg_jax import backbones
-from coseg_jax import config
-from coseg_jax import deepco3
-from coseg_jax import fileio
-from coseg_jax import generator
-from coseg_jax import multiclass
 from coseg_jax import torch_ref
-from coseg_jax import train
-from coseg_jax import weights
+from coseg_jax.backbones import cpu_kernels
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.backbones import weights
+from coseg_jax.core import config
+from coseg_jax.core import fileio
+from coseg_jax.core import train
+from coseg_jax.instance import model as deepco3
+from coseg_jax.multiclass import attention
+from coseg_jax.multiclass import generator
+from coseg_jax.multiclass import pipeline as multiclass
 
 _SIZES = flags.DEFINE_list('sizes', ['384', '128'], 'Square input sizes of the train / '
                            'inference / attention rows.')
@@ -71,7 +72,7 @@ _ROWS = flags.DEFINE_list('rows', ['train', 'infer', 'attention', 'convgrad', 'c
                           'Which rows.')
 _LAX_CONV_GRADS = flags.DEFINE_bool('lax_conv_grads', False, 'convgrad rows differentiate '
                                     'lax.conv_general_dilated (XLA\'s own gradients) instead '
-                                    'of backbones.conv_general_dilated.')
+                                    'of cpu_kernels.conv_general_dilated.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per framework and row, at least; '
                                  'short rows repeat until --min_seconds.')
 _BLOCK = flags.DEFINE_integer('block', 2, 'Timed runs per framework in a row, after one untimed.')
@@ -280,7 +281,7 @@ def multiclass_rows(bench, size):
 
   encoder, encoder_vars = backbone(_ENCODER.value, 1)
   extractor, extractor_vars = backbone(_EXTRACTOR.value, 2)
-  gen = multiclass.build_generator(cfg, encoder)
+  gen = multiclass.build_generator(cfg, encoder, cfg.num_classes)
   params = _random_variables(gen, (batch, 64, 64, 3), 3)['params']
   params['encoder'] = encoder_vars['params']
   x = np.random.default_rng(4).random((batch, size, size, 3), np.float32)
@@ -384,7 +385,7 @@ def convgrad_rows(bench, size):
   """The convolution gradients the training step spends most on, layer by layer, summed:
   VGG16's kernel gradients (the generator's encoder) and the input gradients of ResNet-50's
   strided k x k convs (the extractor, B(K+1) masked images)."""
-  conv_fn = jax.lax.conv_general_dilated if _LAX_CONV_GRADS.value else backbones.conv_general_dilated
+  conv_fn = jax.lax.conv_general_dilated if _LAX_CONV_GRADS.value else cpu_kernels.conv_general_dilated
   rng = np.random.default_rng(7)
   vgg, resnet = _convgrad_layers()
   for name, convs, images, wrt in (('VGG16 kernel gradients', vgg, _BATCH.value, 'kernel'),

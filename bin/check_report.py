@@ -18,7 +18,7 @@ import tempfile
 from absl import app
 from absl import flags
 
-from coseg_jax import report
+from coseg_jax.core import report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory of a finished run.')
 _SCREENSHOT = flags.DEFINE_string('screenshot', None, 'PNG to write; default <workdir>/report.png.')

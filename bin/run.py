@@ -11,7 +11,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from coseg_jax import cli
+from coseg_jax.cli import flags as cli_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py).', lock_config=True)
@@ -22,15 +22,15 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   if len(argv) > 1:
-    cli.usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli_flags.usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir = _WORKDIR.value
   if workdir is None:
     config_path = config_flags.get_config_filename(flags.FLAGS['config'])
     workdir = os.path.join('runs', os.path.splitext(os.path.basename(config_path))[0])
   # Imported here so that flag errors are reported before jax loads (seconds).
-  from coseg_jax import main as coseg_main
+  from coseg_jax.cli import main as coseg_main
   sys.exit(coseg_main.run_cli(_CONFIG.value, workdir))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))
+  app.run(main, flags_parser=functools.partial(cli_flags.parse_flags, config_flag=_CONFIG))

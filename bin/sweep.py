@@ -15,7 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
-from coseg_jax import sweep
+from coseg_jax.cli import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/*.py).')
 _GRID = flags.DEFINE_multi_string(

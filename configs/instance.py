@@ -15,7 +15,7 @@ Everything is the authors' setting (448 px, 40 epochs, batch 6, Adam, weight dec
 model barely moves at 1e-6 (BUILD.md, "DeepCO3 (instance) design notes"). With VGG16
 weights, pass --config.train.learning_rate=1e-6.
 """
-from coseg_jax import config as defaults
+from coseg_jax.core import config as defaults
 
 
 def get_config():

@@ -8,7 +8,7 @@ mean; outputs land in runs/three_class/. CPU-fast variant:
   python bin/run.py --config=configs/three_class.py --config.data.image_size=128
 On your own data: --config.data.root=/path/to/group_or_dataset.
 """
-from coseg_jax import config as defaults
+from coseg_jax.core import config as defaults
 
 
 def get_config():

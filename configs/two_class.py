@@ -5,7 +5,7 @@
 Without a data root it runs the built-in two-class demo group and prints P/J;
 outputs land in runs/two_class/.
 """
-from coseg_jax import config as defaults
+from coseg_jax.core import config as defaults
 
 
 def get_config():

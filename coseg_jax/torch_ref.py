@@ -17,17 +17,17 @@ weights in both directions (without antialias it differs when downsampling), so
 """
 import math
 
+from flax import traverse_util
 import numpy as np
 import torch
-import torch.nn.functional as F
-from flax import traverse_util
 from torch import nn
+import torch.nn.functional as F
 
-from coseg_jax import attention
-from coseg_jax import backbones
-from coseg_jax import convert
-from coseg_jax import deepco3
-from coseg_jax import generator
+from coseg_jax.backbones import convert
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.instance import model as deepco3
+from coseg_jax.multiclass import attention
+from coseg_jax.multiclass import generator
 
 # Written from the published preprocessing, not imported, so a wrong constant on the JAX
 # side shows up in the parity tests.

@@ -1,10 +1,10 @@
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from coseg_jax import attention
+from coseg_jax.multiclass import attention
 
 
 def _rand(key, *shape):
@@ -104,6 +104,7 @@ def _loss(fn, cot):
       jnp.sin(fn(q, k, v, scale)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('b', [2, 3, 4])
 def test_mutual_attention_gradients_match_autodiff_float64(b):
   # The backward pass is hand-written: it must equal autodiff of the plain formula to
@@ -120,6 +121,7 @@ def test_mutual_attention_gradients_match_autodiff_float64(b):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('b', [2, 3])
 def test_mutual_attention_gradients_finite_differences(b):
   with jax.enable_x64(True):
@@ -129,6 +131,7 @@ def test_mutual_attention_gradients_finite_differences(b):
                               (q, k, v), order=1, modes=['rev'], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('b', [2, 3])
 def test_mutual_attention_float32_gradients_jitted(b):
   # float32 under jit (as training runs it), against the float64 autodiff reference.

@@ -9,16 +9,17 @@ import dataclasses
 import re
 import types
 
+from flax import linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import linen as flax_nn
 from torch import nn
 
-from coseg_jax import backbones
-from coseg_jax import weights
+from coseg_jax.backbones import cpu_kernels
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.backbones import weights
 from coseg_jax.torch_ref import EfficientNetLite0 as RefLite0
 from coseg_jax.torch_ref import ResNet50 as RefResNet50
 from coseg_jax.torch_ref import VGG16 as RefVGG16
@@ -86,6 +87,7 @@ def check_parity(model, name, tmp_path, size, preprocessing='imagenet'):
   return bb, variables, out
 
 
+@pytest.mark.slow
 def test_vgg16_matches_torch_reference(tmp_path):
   torch.manual_seed(0)
   bb, _, out = check_parity(randomize_batchnorm(RefVGG16(), 0), 'vgg16', tmp_path, size=32)
@@ -93,6 +95,7 @@ def test_vgg16_matches_torch_reference(tmp_path):
   assert isinstance(bb.module, backbones.VGG16)
 
 
+@pytest.mark.slow
 def test_resnet50_matches_torch_reference(tmp_path):
   torch.manual_seed(1)
   bb, variables, _ = check_parity(randomize_batchnorm(RefResNet50(), 1), 'resnet50', tmp_path,
@@ -101,6 +104,7 @@ def test_resnet50_matches_torch_reference(tmp_path):
   assert set(variables) == {'params', 'batch_stats'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', [64, 35])
 def test_efficientnet_lite0_matches_torch_reference(tmp_path, size):
   # 35 is odd: TF 'SAME' padding is then symmetric for stride 2, asymmetric at 64.
@@ -141,6 +145,7 @@ def test_every_conv_uses_the_module_conv_function(name, num_convs):
   assert len(calls) == num_convs
 
 
+@pytest.mark.slow
 def test_backbone_apply_selects_taps_and_swaps_conv(tmp_path):
   bb, variables = weights.load_backbone('efficientnet_lite0',
                                         weights_cfg(cache_dir=str(tmp_path)))
@@ -168,7 +173,8 @@ def _conv_and_grads(conv_fn, x, w, stride, padding, groups):
 
 
 def _assert_matches_lax(x, w, stride, padding, groups):
-  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, stride, padding, groups)
+  # The two branches of cpu_kernels.conv_general_dilated, both run on this CPU.
+  fast = _conv_and_grads(cpu_kernels.cpu_conv_general_dilated, x, w, stride, padding, groups)
   ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, stride, padding, groups)
   for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), fast, ref):
     assert a.shape == b.shape, name
@@ -178,6 +184,7 @@ def _assert_matches_lax(x, w, stride, padding, groups):
 
 
 # Even sizes with 'SAME' at stride 2 pad asymmetrically (TF), as in EfficientNet-Lite0.
+@pytest.mark.slow
 @pytest.mark.parametrize('kernel,stride,padding', [
     (3, 1, 'SAME'), (3, 2, 'SAME'), (5, 1, 'SAME'), (5, 2, 'SAME'),
     (3, 2, ((1, 1), (1, 1))), (5, 1, ((2, 1), (0, 2)))])
@@ -200,6 +207,7 @@ def test_1x1_conv_matches_lax(padding):
 # The kernel gradient's bands: one row each, a few rows each (~8 at 3x3, stride 1), or the
 # whole image; a prime height has no bands of several rows. Stride 2 at even and odd
 # sizes, TF-SAME's asymmetric pads, stride = kernel, stride > kernel.
+@pytest.mark.slow
 @pytest.mark.parametrize('kernel,stride,padding', [
     (3, 1, 'SAME'), (3, 2, 'SAME'), (3, 2, ((0, 1), (0, 1))), (7, 2, ((3, 3), (3, 3))),
     (5, 3, 'VALID'), (2, 2, 'VALID'), (3, 1, ((2, 0), (1, 3))), (1, 2, 'SAME'), (1, 3, 'VALID')])
@@ -208,8 +216,8 @@ def test_1x1_conv_matches_lax(padding):
 @pytest.mark.parametrize('tap_gemm', [True, False])  # the two input gradients of strided convs
 def test_dense_conv_matches_lax(kernel, stride, padding, height, band_bytes, tap_gemm, monkeypatch):
   if band_bytes:
-    monkeypatch.setattr(backbones, '_BAND_BYTES', band_bytes)
-  monkeypatch.setattr(backbones, '_TAP_GEMM_CHANNELS', 4 if tap_gemm else 0)
+    monkeypatch.setattr(cpu_kernels, '_BAND_BYTES', band_bytes)
+  monkeypatch.setattr(cpu_kernels, '_TAP_GEMM_CHANNELS', 4 if tap_gemm else 0)
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, height, 24, 3), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, 3, 5), jnp.float32)
@@ -218,11 +226,11 @@ def test_dense_conv_matches_lax(kernel, stride, padding, height, band_bytes, tap
 
 def test_kernel_gradient_bands_of_whole_images(monkeypatch):
   # Room for two whole 3x3-conv images per band: 2 bands of 2 of the 4 images.
-  monkeypatch.setattr(backbones, '_BAND_BYTES', 2 * 10 * 12 * 9 * 3 * 4)
+  monkeypatch.setattr(cpu_kernels, '_BAND_BYTES', 2 * 10 * 12 * 9 * 3 * 4)
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(4, 10, 12, 3), jnp.float32)
   w = jnp.asarray(rng.randn(3, 3, 3, 5), jnp.float32)
-  hlo = jax.jit(jax.grad(lambda w: backbones.conv_general_dilated(
+  hlo = jax.jit(jax.grad(lambda w: cpu_kernels.conv_general_dilated(
       x, w, (1, 1), 'SAME', dimension_numbers=_NHWC).sum())).lower(w).compile().as_text()
   assert 'f32[27,240]' in hlo and ' while(' in hlo  # a K x P band of two images, two bands
   _assert_matches_lax(x, w, 1, 'SAME', 1)
@@ -233,11 +241,11 @@ def test_dense_conv_gradients_are_banded_gemms_and_phase_convs(channels):
   # The point of the custom gradients: no image-sized-window kernel-gradient conv and no
   # zero-dilated input-gradient conv reach XLA.
   x, w = jnp.zeros((2, 16, 16, channels)), jnp.zeros((3, 3, channels, 4))
-  f = lambda x, w: backbones.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=_NHWC)
+  f = lambda x, w: cpu_kernels.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=_NHWC)
   hlo = jax.jit(jax.grad(lambda x, w: f(x, w).sum(), argnums=(0, 1))).lower(x, w).compile().as_text()
   windows = re.findall(r'window=\{size=(\d+)x(\d+)', hlo)
   assert all(int(h) <= 3 and int(w) <= 3 for h, w in windows), windows
-  assert bool(windows) == (channels >= backbones._TAP_GEMM_CHANNELS)
+  assert bool(windows) == (channels >= cpu_kernels._TAP_GEMM_CHANNELS)
   assert 'lhs_dilate' not in hlo and ' dot(' in hlo
 
 
@@ -247,23 +255,27 @@ def test_other_convs_are_lax_convs(kernel, stride, padding, groups, cin_per_grou
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(1, 6, 6, 4), jnp.float32)
   w = jnp.asarray(rng.randn(kernel, kernel, cin_per_group, 4), jnp.float32)
-  fast = _conv_and_grads(backbones.conv_general_dilated, x, w, stride, padding, groups)
+  fast = _conv_and_grads(cpu_kernels.conv_general_dilated, x, w, stride, padding, groups)
   ref = _conv_and_grads(jax.lax.conv_general_dilated, x, w, stride, padding, groups)
   for a, b in zip(fast, ref):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_lite0_convolutions_are_slices_and_dots():
   module = backbones.make('efficientnet_lite0')
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  forward = str(jax.make_jaxpr(module.apply)(variables, x))
-  assert forward.count('conv_general_dilated[') == 1  # the 3x3 stem
+  # What is lowered for CPU (the jaxpr also holds the other platforms' branch).
+  forward = jax.jit(module.apply).lower(variables, x).as_text()
+  assert forward.count('stablehlo.convolution') == 1  # the 3x3 stem
   grad = jax.grad(lambda v, x: module.apply(v, x)['head'].sum(), argnums=(0, 1))
-  groups = re.findall(r'feature_group_count=(\d+)', str(jax.make_jaxpr(grad)(variables, x)))
+  backward = jax.jit(grad).lower(variables, x).as_text()
+  groups = re.findall(r'feature_group_count = (\d+)', backward)
   assert groups and set(groups) == {'1'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('ties', [False, True])
 @pytest.mark.parametrize('k,s,pad,size', [(2, 2, 0, 8), (2, 2, 0, 7), (3, 2, 1, 8), (3, 2, 1, 7)])
 def test_max_pool_matches_flax(k, s, pad, size, ties):
@@ -272,17 +284,33 @@ def test_max_pool_matches_flax(k, s, pad, size, ties):
   values = np.random.RandomState(0).permutation(2 * size * 5 * 3)
   x = jnp.asarray((values % 3 if ties else values).reshape(2, size, 5, 3), jnp.float32)
   flax_pool = lambda x: flax_nn.max_pool(x, (k, k), strides=(s, s), padding=((pad, pad),) * 2)
-  ours = lambda x: backbones.max_pool(x, k, s, pad)
+  ours = lambda x: cpu_kernels.cpu_max_pool(x, k, s, pad)
   np.testing.assert_array_equal(ours(x), flax_pool(x))
+  np.testing.assert_array_equal(cpu_kernels.xla_max_pool(x, k, s, pad), flax_pool(x))
   cotangent = jnp.asarray(np.random.RandomState(1).randn(*flax_pool(x).shape), jnp.float32)
   grads = [jax.vjp(f, x)[1](cotangent)[0] for f in (ours, flax_pool)]
   # Overlapping windows add their shares in another order.
   np.testing.assert_allclose(*grads, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('platform', ['cpu', 'cuda', 'tpu'])
+def test_rewrites_are_lowered_for_cpu_only(platform):
+  # Lowered for each platform without its device: on GPU/TPU the grouped conv, the kernel
+  # gradient and the max-pool backward stay XLA's own ops, which those compilers run fast.
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
+  def loss(x, w):
+    y = cpu_kernels.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_NHWC,
+                                         feature_group_count=4)
+    return cpu_kernels.max_pool(y, 3, 2, 1).sum()
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=[platform])
+  text = exported(x, w).mlir_module()
+  xla_ops = ('feature_group_count = 4' in text, 'select_and_scatter' in text)
+  assert xla_ops == ((False, False) if platform == 'cpu' else (True, True))
+
+
 def test_relu6_matches_jax():
   x = jnp.array([-1.0, 0.0, 0.5, 5.5, 6.0, 7.0, jnp.nan], jnp.float32)
-  np.testing.assert_array_equal(backbones.relu6(x), jax.nn.relu6(x))
+  np.testing.assert_array_equal(cpu_kernels.relu6(x), jax.nn.relu6(x))
   grads = [jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(7.0)))(x)
-           for f in (backbones.relu6, jax.nn.relu6)]
+           for f in (cpu_kernels.relu6, jax.nn.relu6)]
   np.testing.assert_array_equal(*grads)

@@ -2,8 +2,9 @@ import jax.numpy as jnp
 import numpy as np
 from skimage import transform
 
-from coseg_jax import baselines
-from coseg_jax import data, metrics
+from coseg_jax.core import data
+from coseg_jax.multiclass import baseline
+from coseg_jax.multiclass import metrics
 
 
 def _separated_features(seed):
@@ -18,19 +19,19 @@ def _separated_features(seed):
 
 def test_kmeans_recovers_separated_clusters_deterministically():
   feats, truths = _separated_features(0)
-  labels = baselines.cluster_group(feats, 3, seed=0)
+  labels = baseline.cluster_group(feats, 3, seed=0)
   assert [l.shape for l in labels] == [t.shape for t in truths]
   assert all(l.dtype == np.uint8 for l in labels)
   score = metrics.score_group(labels, truths, 2, fixed_background=False)
   assert score['P'] == 1.0 and score['J'] == 1.0
-  again = baselines.cluster_group(feats, 3, seed=0)
+  again = baseline.cluster_group(feats, 3, seed=0)
   for a, b in zip(labels, again):
     np.testing.assert_array_equal(a, b)
 
 
 def test_soft_maps_are_bilinear_one_hot_that_sum_to_one():
   labels = np.array([[0, 2, 1], [1, 1, 0]], np.uint8)
-  maps = baselines.soft_maps(labels, 3, (8, 13))
+  maps = baseline.soft_maps(labels, 3, (8, 13))
   reference = transform.resize(np.eye(3)[labels], (8, 13, 3), order=1, mode='edge',
                                anti_aliasing=False)
   np.testing.assert_allclose(maps, reference, atol=1e-6)
@@ -64,7 +65,7 @@ def test_cluster_baseline_segments_colour_regions_at_original_size():
   images, truths = [p[0] for p in pairs], [p[1] for p in pairs]
   backbone = _FakeBackbone()
   variables = {'embed': jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)}
-  maps = baselines.cluster_baseline(backbone, variables, data.resize_batch(images, 32),
+  maps = baseline.cluster_baseline(backbone, variables, data.resize_batch(images, 32),
                                     [im.shape[:2] for im in images], num_classes=2, seed=0,
                                     tap='feat')
   assert backbone.seen == [((1, 32, 32, 3), ('feat',))]  # traced once: no recompilation

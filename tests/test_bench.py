@@ -22,6 +22,7 @@ def _vgg16_kernel_gradient_flops():
   return sum(2 * BATCH * (3 * (SIZE // down) - 2) ** 2 * cin * cout for down, cin, cout in convs)
 
 
+@pytest.mark.slow
 def test_bench_rows(tmp_path):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(

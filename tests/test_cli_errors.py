@@ -10,14 +10,14 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from coseg_jax import config as defaults
-from coseg_jax import instance
-from coseg_jax import main
-from coseg_jax import multiclass
-from coseg_jax import train
+from coseg_jax.cli import main
+from coseg_jax.core import config as defaults
+from coseg_jax.core import train
+from coseg_jax.instance import pipeline as instance
+from coseg_jax.multiclass import pipeline as multiclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(REPO, 'bin', 'run.py')
@@ -302,6 +302,7 @@ def _cli(*args, cwd=REPO):
   return proc
 
 
+@pytest.mark.slow
 def test_cli_bad_image_exits_2_with_one_line(tmp_path):
   root, _, bad, reason = _corrupt(str(tmp_path))
   workdir = str(tmp_path / 'work')

@@ -1,15 +1,20 @@
-"""The real multi-class training step compiles once across steps and epochs (train.fit)."""
+"""Compile once: the real multi-class training step across steps and epochs (train.fit),
+and both pipelines across the groups of a dataset."""
+import os
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from PIL import Image
+import pytest
 
-from coseg_jax import backbones
-from coseg_jax import config
-from coseg_jax import multiclass
-from coseg_jax import train
-from coseg_jax import weights
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.backbones import weights
+from coseg_jax.core import config
+from coseg_jax.core import train
+from coseg_jax.instance import pipeline as instance
+from coseg_jax.multiclass import pipeline as multiclass
 
 SIZE, NUM_IMAGES, BATCH, EPOCHS = 32, 4, 3, 2  # 2 steps per epoch, the second one padded
 
@@ -23,13 +28,14 @@ def _random_variables(module, shape, seed):
       {k: jnp.asarray(0.1 * rng.normal(size=v.shape), jnp.float32) for k, v in flat.items()})
 
 
+@pytest.mark.slow
 def test_multiclass_step_compiles_once_across_steps_and_epochs(tmp_path, monkeypatch):
   cfg = config.multiclass()
   cfg.num_classes = 2
   module = backbones.make('efficientnet_lite0')
   backbone = weights.Backbone('efficientnet_lite0', module, 'imagenet', 'random')
   extractor_vars = _random_variables(module, (1, SIZE, SIZE, 3), seed=1)
-  gen = multiclass.build_generator(cfg, backbone)
+  gen = multiclass.build_generator(cfg, backbone, cfg.num_classes)
   params = _random_variables(gen, (BATCH, SIZE, SIZE, 3), seed=2)['params']
   images = np.random.default_rng(3).integers(0, 256, (NUM_IMAGES, SIZE, SIZE, 3), np.uint8)
 
@@ -69,3 +75,50 @@ def test_multiclass_step_compiles_once_across_steps_and_epochs(tmp_path, monkeyp
   assert at_step[1] == at_step[0] + 1           # ... the first step compiles once ...
   assert at_step[1] == at_step[-1]              # ... and no later step compiles anything
   assert all(np.isfinite(r['loss']) for r in history)
+
+
+def _write_group(root, name, num_images, seed):
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(root, name, 'images'))
+  for i in range(num_images):
+    pixels = rng.integers(0, 256, (SIZE + 8 * i, SIZE, 3), np.uint8)  # sizes differ too
+    Image.fromarray(pixels).save(os.path.join(root, name, 'images', f'{i}.png'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['multiclass', 'instance'])
+def test_a_dataset_of_two_groups_compiles_once(tmp_path, monkeypatch, method):
+  # Groups of 3 and 4 images: every jitted function (training step, cluster init,
+  # prediction, PRM) is compiled for the first group and reused by the second.
+  root = str(tmp_path / 'data')
+  _write_group(root, 'a', 3, seed=0)
+  _write_group(root, 'b', 4, seed=1)
+  if method == 'multiclass':
+    cfg, pipeline = config.multiclass(), multiclass
+    cfg.data.batch_size, cfg.infer.method = 3, 'argmax'
+  else:
+    cfg, pipeline = config.instance(), instance
+    cfg.data.batch_size = 2
+  cfg.data.root, cfg.data.image_size, cfg.train.epochs = root, SIZE, 1
+  cfg.output.images, cfg.output.quiet = False, True
+
+  compiles, at_group = [], []
+  listener = lambda event, duration, **kw: compiles.append(event) if (
+      event == '/jax/core/compile/backend_compile_duration') else None
+  group_fn = 'segment_group' if method == 'multiclass' else 'detect_group'
+  real = getattr(pipeline, group_fn)
+
+  def recording(*args, **kwargs):
+    at_group.append(len(compiles))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, group_fn, recording)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    pipeline.run(cfg, str(tmp_path / 'run'))
+    at_group.append(len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(at_group) == 3
+  assert at_group[1] > at_group[0]     # the first group compiles ...
+  assert at_group[2] == at_group[1]    # ... and the second one compiles nothing

@@ -11,14 +11,20 @@ import h5py
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_backbones import max_rel_errors
+from test_backbones import random_images
+from test_backbones import randomize_batchnorm
+from test_backbones import reference_taps
+from test_backbones import RefResNet50
+from test_backbones import RefVGG16
+from test_backbones import TOL
+from test_backbones import weights_cfg
 import torch
 
-from coseg_jax import convert
-from coseg_jax import torch_pickle
-from coseg_jax import weights
-from coseg_jax.errors import InputError
-from test_backbones import (RefResNet50, RefVGG16, max_rel_errors, random_images,
-                            randomize_batchnorm, reference_taps, weights_cfg, TOL)
+from coseg_jax.backbones import convert
+from coseg_jax.backbones import torch_pickle
+from coseg_jax.backbones import weights
+from coseg_jax.core.errors import InputError
 
 KERAS_VGG = 'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5'
 KERAS_RESNET = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
@@ -108,6 +114,7 @@ def test_keras_vgg16_explicit_path(tmp_path, vgg, nested, no_env):
   assert_parity(vgg, bb, variables, 'caffe', size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('naming,nested', [('tf.keras', True), ('keras-applications', False)])
 def test_keras_resnet50_weights_dir(tmp_path, naming, nested, no_env):
   torch.manual_seed(3)
@@ -133,6 +140,7 @@ def test_torchvision_vgg16_legacy_pickle_env_dir(tmp_path, vgg, monkeypatch):
   assert_parity(vgg, bb, variables, 'imagenet', size=32)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_with_fc_weights_dir(tmp_path, no_env):
   torch.manual_seed(4)
   model = randomize_batchnorm(RefResNet50(), 4)

@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coseg_jax import deepco3
-from coseg_jax import prm
-from coseg_jax import weights
-from coseg_jax.errors import InputError
+from coseg_jax.backbones import weights
+from coseg_jax.instance import model as deepco3
+from coseg_jax.instance import prm
 
 
 def _brute_force_peaks(t):
@@ -56,6 +55,7 @@ def _median_cases():
       'single': np.array([7.0], np.float32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(_median_cases()))
 def test_median_and_kth_smallest_match_numpy(name):
   x = _median_cases()[name]
@@ -64,6 +64,7 @@ def test_median_and_kth_smallest_match_numpy(name):
     assert float(deepco3.kth_smallest(x, k)) == np.sort(x, axis=None)[k - 1]
 
 
+@pytest.mark.slow
 def test_median_float64():
   # Distinct in float64, all 1.0 in float32.
   x = 1.0 + np.random.default_rng(8).integers(1, 5, (6, 4)) * np.finfo(np.float64).eps
@@ -79,17 +80,20 @@ def test_window_max_is_the_box_max(shape):
   np.testing.assert_array_equal(deepco3.window_max(x), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', [(5, 7), (4, 6), (3, 4, 3, 2), (3, 3, 3, 3)])
 def test_local_maxima_matches_brute_force_with_ties(shape):
   t = np.random.default_rng(10).integers(-2, 2, shape).astype(np.float32)
   np.testing.assert_array_equal(deepco3.local_maxima(t), _brute_force_peaks(t))
 
 
+@pytest.mark.slow
 def test_copeak_mask_matches_brute_force_on_random_tensor():
   t = np.random.default_rng(1).normal(size=(4, 3, 4, 3)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(deepco3.copeak_mask(t)), _brute_force_peaks(t))
 
 
+@pytest.mark.slow
 def test_copeak_mask_plateau_border_and_median():
   t = np.zeros((4, 4, 4, 4), np.float32)
   t[0, 0, 0, 0] = 5.0                  # corner: borders count as -inf, so a peak
@@ -109,6 +113,7 @@ def test_copeak_mask_excludes_local_maxima_below_median():
   assert mask[2, 2, 2, 2]
 
 
+@pytest.mark.slow
 def test_copeak_loss_value_and_gradient_only_at_peaks():
   t = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 3, 3)), jnp.float32)
   mask = deepco3.copeak_mask(t)
@@ -166,6 +171,7 @@ def _batch(b=4, size=16):
           'prior': rng.uniform(size=(b, size, size)).astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_model_outputs_at_zero_init():
   model, params = _tiny_model()
   out = model(params, None, jnp.zeros((2, 16, 16, 3)))
@@ -185,6 +191,7 @@ def test_head_reads_raw_features_correlations_normalised_ones():
   np.testing.assert_allclose(out['feat'], deepco3.l2_normalize(raw, 1e-2), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_deepco3_loss_combines_terms_over_pairs():
   model, params = _tiny_model()
   batch = _batch()
@@ -210,10 +217,11 @@ def test_deepco3_loss_combines_terms_over_pairs():
 
 def test_deepco3_loss_rejects_odd_batch():
   model, params = _tiny_model()
-  with pytest.raises(InputError, match='batch_size'):
+  with pytest.raises(ValueError, match='batch size must be even'):
     deepco3.deepco3_loss(params, None, _batch(b=3), model=model)
 
 
+@pytest.mark.slow
 def test_peak_backprop_model_same_forward_prm_backward():
   model, params = _tiny_model()
   params['head'] = {'kernel': jnp.ones((1, 1, 32, 1)), 'bias': jnp.zeros((1,))}

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from coseg_jax import data
-from coseg_jax import demo
-from coseg_jax.errors import InputError
+from coseg_jax.core import data
+from coseg_jax.core import demo
+from coseg_jax.core.errors import InputError
 
 # Height / width of the ellipses cut from chelsea (cat), coffee (cup), astronaut (person).
 _ASPECTS = {1: 280 / 400, 2: 320 / 410, 3: 190 / 144}
@@ -109,6 +109,6 @@ def test_unsupported_class_count(tmp_path, num_classes):
 
 
 def test_demo_group_names_its_classes(tmp_path):
-  from coseg_jax import data
+  from coseg_jax.core import data
   group = data.load_group(demo.make_multiclass_demo(str(tmp_path), 2), num_classes=2)
   assert group.class_names == demo.multiclass_names(2) == ('cat', 'cup')

@@ -60,6 +60,7 @@ def _loss_records(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_clustering_baseline_is_deterministic(tmp_path, env):
   results = []
   for name in ('a', 'b'):
@@ -71,6 +72,7 @@ def test_clustering_baseline_is_deterministic(tmp_path, env):
   assert metrics_a == metrics_b
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path, env):
   """Also training determinism: the steps of two processes and of an uninterrupted one
   must agree bit for bit (losses, label PNGs, metrics)."""
@@ -110,6 +112,7 @@ def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path,
   assert _outputs(workdir) == _outputs(reference)
 
 
+@pytest.mark.slow
 def test_sigterm_outside_training_is_a_clean_stop(tmp_path, env):
   """SIGTERM while the run loads weights and data (no trainer signal handler yet)."""
   workdir = tmp_path / 'work'

@@ -3,28 +3,28 @@ import types
 import numpy as np
 import pytest
 
-from coseg_jax import config, infer
-from coseg_jax.errors import InputError
+from coseg_jax.core import config
+from coseg_jax.multiclass import postprocess
 
 
 def test_normalize_maps_divides_each_channel_by_its_max():
   rng = np.random.default_rng(0)
   S = rng.uniform(0.0, 0.5, (5, 6, 3)).astype(np.float32)
   S[..., 2] = 0.0
-  out = infer.normalize_maps(S)
+  out = postprocess.normalize_maps(S)
   np.testing.assert_allclose(out[..., :2].max(axis=(0, 1)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(out[..., :2] * S[..., :2].max(axis=(0, 1)), S[..., :2], rtol=1e-6)
   assert np.all(out[..., 2] == 0.0)
   # Batched maps are normalised per image, not over the batch.
-  batched = infer.normalize_maps(np.stack([S, 2 * S]))
+  batched = postprocess.normalize_maps(np.stack([S, 2 * S]))
   np.testing.assert_allclose(batched, np.stack([out, out]), rtol=1e-6)
 
 
 def test_normalisation_can_change_the_argmax():
   # A weak but peaked class channel wins after Eq. 8 where raw argmax picks background.
   S = np.array([[[0.9, 0.05], [0.6, 0.1], [0.7, 0.3]]], np.float32)  # 1x3 image, 2 channels
-  np.testing.assert_array_equal(infer.argmax_labels(S), [[0, 0, 0]])
-  labels = infer.labels_from_maps(None, S, types.SimpleNamespace(method='argmax'))
+  np.testing.assert_array_equal(postprocess.argmax_labels(S), [[0, 0, 0]])
+  labels = postprocess.labels_from_maps(None, S, types.SimpleNamespace(method='argmax'))
   assert labels.dtype == np.uint8
   np.testing.assert_array_equal(labels, [[0, 0, 1]])
 
@@ -43,8 +43,8 @@ def _two_region_problem(seed, size=32, p_true=0.55):
 def test_dense_crf_cleans_noisy_maps():
   image, truth, S = _two_region_problem(0)
   crf_cfg = config.multiclass().infer.crf
-  argmax_acc = np.mean(infer.argmax_labels(S) == truth)
-  crf_labels = infer.dense_crf_labels(image, S, crf_cfg)
+  argmax_acc = np.mean(postprocess.argmax_labels(S) == truth)
+  crf_labels = postprocess.dense_crf_labels(image, S, crf_cfg)
   crf_acc = np.mean(crf_labels == truth)
   assert crf_labels.dtype == np.uint8 and crf_labels.shape == truth.shape
   assert argmax_acc < 0.8
@@ -56,11 +56,11 @@ def test_labels_from_maps_selects_crf_from_config():
   image, truth, S = _two_region_problem(1)
   cfg = config.multiclass().infer
   cfg.method = 'crf'
-  np.testing.assert_array_equal(infer.labels_from_maps(image, S, cfg),
-                                infer.dense_crf_labels(image, infer.normalize_maps(S), cfg.crf))
+  np.testing.assert_array_equal(postprocess.labels_from_maps(image, S, cfg),
+                                postprocess.dense_crf_labels(image, postprocess.normalize_maps(S), cfg.crf))
   cfg.method = 'argmax'
-  np.testing.assert_array_equal(infer.labels_from_maps(image, S, cfg),
-                                infer.argmax_labels(infer.normalize_maps(S)))
+  np.testing.assert_array_equal(postprocess.labels_from_maps(image, S, cfg),
+                                postprocess.argmax_labels(postprocess.normalize_maps(S)))
 
 
 def test_crf_unary_power_sharpens_the_unary():
@@ -68,17 +68,17 @@ def test_crf_unary_power_sharpens_the_unary():
   # the pixelwise argmax instead of cleaning it.
   image, truth, S = _two_region_problem(2)
   cfg = config.multiclass().infer.crf
-  argmax = infer.argmax_labels(S)
+  argmax = postprocess.argmax_labels(S)
   agreement = {}
   for power in (1.0, 30.0):
     cfg.unary_power = power
-    agreement[power] = np.mean(infer.dense_crf_labels(image, S, cfg) == argmax)
+    agreement[power] = np.mean(postprocess.dense_crf_labels(image, S, cfg) == argmax)
   assert agreement[30.0] > agreement[1.0] + 0.2
 
 
-def test_unknown_method_names_the_config_field():
-  with pytest.raises(InputError, match='config.infer.method'):
-    infer.labels_from_maps(None, np.ones((2, 2, 2)), types.SimpleNamespace(method='median'))
+def test_unknown_method_is_a_value_error():
+  with pytest.raises(ValueError, match='median'):
+    postprocess.labels_from_maps(None, np.ones((2, 2, 2)), types.SimpleNamespace(method='median'))
 
 
 def test_background_by_border_swaps_in_the_label_owning_the_borders():
@@ -87,10 +87,10 @@ def test_background_by_border_swaps_in_the_label_owning_the_borders():
   b = np.full((5, 7), 2, np.uint8)
   b[1:3, 1:4] = 1
   b[3:5, 4:7] = 0                     # label 0 touches the border a little
-  out = infer.background_by_border([a, b], 3)
+  out = postprocess.background_by_border([a, b], 3)
   assert (out[0][2:4, 2:4] == 2).all() and out[0][0, 0] == 0
   assert (out[1][1:3, 1:4] == 1).all() and (out[1][3:5, 4:7] == 2).all()
   # Already background on the border: unchanged.
-  same = infer.background_by_border(out, 3)
+  same = postprocess.background_by_border(out, 3)
   for x, y in zip(same, out):
     np.testing.assert_array_equal(x, y)

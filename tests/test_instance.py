@@ -7,20 +7,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from scipy import ndimage
 
-from coseg_jax import config as defaults
-from coseg_jax import data
-from coseg_jax import deepco3
-from coseg_jax import demo
-from coseg_jax import instance
-from coseg_jax import instance_metrics
-from coseg_jax import main
-from coseg_jax import saliency
-from coseg_jax import weights
-from coseg_jax.errors import InputError
+from coseg_jax.backbones import weights
+from coseg_jax.cli import main
+from coseg_jax.core import config as defaults
+from coseg_jax.core import data
+from coseg_jax.core import demo
+from coseg_jax.core import visualize
+from coseg_jax.core.errors import InputError
+from coseg_jax.instance import baseline as instance_baseline
+from coseg_jax.instance import metrics as instance_metrics
+from coseg_jax.instance import model as deepco3
+from coseg_jax.instance import pipeline as instance
+from coseg_jax.instance import saliency
 
 _SIZE = 96  # demo images; the network sees 64 x 64
 
@@ -93,6 +95,7 @@ def _corloc(found, group):
                                  [s.instances for s in group.samples])
 
 
+@pytest.mark.slow
 def test_deepco3_end_to_end(group_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   summary = main.run(_config(group_dir), workdir)
@@ -137,6 +140,7 @@ def test_saliency_baseline_is_components_of_the_prior(group_dir, tmp_path):
   assert scores['CorLoc_r'] == pytest.approx(_corloc(found, group))
 
 
+@pytest.mark.slow
 def test_dataset_of_categories_scores_each_and_the_mean(group_dir, tmp_path):
   root = tmp_path / 'dataset'
   shutil.copytree(group_dir, root / 'cats')
@@ -162,11 +166,11 @@ def test_saliency_components_hand_case():
   prior[1:3, 1:3] = 0.9
   prior[4, 5:8] = 0.6
   prior[0, 7] = 0.2  # above the mean, touches no other blob
-  masks, scores = instance.saliency_components(prior)
+  masks, scores = instance_baseline.saliency_components(prior)
   np.testing.assert_allclose(scores, [0.9, 0.6, 0.2])
   assert [m.sum() for m in masks] == [4, 3, 1]
   assert masks[1][4, 5:8].all()
-  empty_masks, empty_scores = instance.saliency_components(np.full((4, 4), 0.5, np.float32))
+  empty_masks, empty_scores = instance_baseline.saliency_components(np.full((4, 4), 0.5, np.float32))
   assert empty_masks.shape == (0, 4, 4) and not len(empty_scores)
 
 
@@ -175,9 +179,9 @@ def test_instance_labels_best_rank_wins_and_bbox():
   a[1:4, 1:4] = True
   b = np.zeros((5, 6), bool)
   b[2:5, 3:6] = True
-  labels = instance.instance_labels([a, b], (5, 6))
+  labels = visualize.instance_labels([a, b], (5, 6))
   assert labels[2, 3] == 1 and labels[4, 5] == 2 and labels[0, 0] == 0
-  assert instance.instance_labels([], (2, 3)).shape == (2, 3)
+  assert visualize.instance_labels([], (2, 3)).shape == (2, 3)
   assert instance.bbox_xywh(b) == [3, 2, 3, 3]
 
 
@@ -213,6 +217,7 @@ class _TinyNet(nn.Module):
     return {'feat': nn.relu(nn.Conv(8, (3, 3), strides=4, conv_general_dilated=self.conv_general_dilated)(x))}
 
 
+@pytest.mark.slow
 def test_predict_maps_wraps_the_last_batch_and_compiles_once():
   variables = _TinyNet().init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   params = {'backbone': variables['params'],

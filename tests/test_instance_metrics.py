@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from coseg_jax import instance_metrics as im
+from coseg_jax.instance import metrics as im
 
 
 def _box(y0, y1, x0, x1, shape=(10, 10)):

@@ -1,8 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from coseg_jax import losses
+from coseg_jax.multiclass import losses
 
 
 def _brute_force(feat, k):
@@ -20,12 +21,14 @@ def _brute_force(feat, k):
   return np.mean(terms)
 
 
+@pytest.mark.slow
 def test_matches_equations_4_to_7():
   feat = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5))) * 0.5
   np.testing.assert_allclose(losses.coattention_loss(jnp.asarray(feat)), _brute_force(feat, 3),
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_finite_with_finite_gradients_even_when_saturated():
   feat = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16)) * 100.0  # exp(-d) underflows
   loss, grad = jax.value_and_grad(losses.coattention_loss)(feat)
@@ -57,6 +60,7 @@ def _features(img, masks, w):
   return losses.normalize_features(h.mean((1, 2)), 'l2', 2.0)
 
 
+@pytest.mark.slow
 def test_lower_when_same_class_covers_same_content():
   w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 3, 32))
   layouts = [((1, 1), (9, 9)), ((9, 2), (2, 9)), ((4, 8), (8, 1))]
@@ -71,6 +75,7 @@ def test_lower_when_same_class_covers_same_content():
   assert good < bad - 0.1
 
 
+@pytest.mark.slow
 def test_masked_pooling_is_mask_weighted_average():
   feat = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 5))
   masks = jnp.zeros((2, 16, 16)).at[:, :8, :8].set(1.0)   # top-left quarter

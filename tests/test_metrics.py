@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from coseg_jax import metrics
+from coseg_jax.multiclass import metrics
 
 
 def test_confusion_hand_worked_and_ignores_255():

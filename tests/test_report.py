@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from coseg_jax import config as defaults
-from coseg_jax import main
-from coseg_jax import report
+from coseg_jax.cli import main
+from coseg_jax.core import config as defaults
+from coseg_jax.core import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -116,6 +116,7 @@ def _assert_self_contained(page):
     _decode(img['src'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('run', ['cluster_run', 'saliency_run'])
 def test_report_is_self_contained_and_has_every_metric(run, request):
   workdir = request.getfixturevalue(run)

@@ -3,13 +3,13 @@ import types
 
 import h5py
 import numpy as np
+from PIL import Image
 import pytest
 import scipy.io
-from PIL import Image
 
-from coseg_jax import data
-from coseg_jax import saliency
-from coseg_jax.errors import InputError
+from coseg_jax.core import data
+from coseg_jax.core.errors import InputError
+from coseg_jax.instance import saliency
 
 
 def _disc_image(h=96, w=112):
@@ -91,5 +91,5 @@ def test_saliency_prior_dispatch(tmp_path):
   Image.fromarray(np.full((10, 12), 128, np.uint8)).save(tmp_path / 's0.png')
   (sal,) = saliency.saliency_prior(types.SimpleNamespace(prior='folder', folder=str(tmp_path)), group)
   np.testing.assert_allclose(sal, 128 / 255, atol=1e-6)
-  with pytest.raises(InputError, match='config.saliency.prior'):
+  with pytest.raises(ValueError, match='svfsal'):  # check_config names the field first
     saliency.saliency_prior(types.SimpleNamespace(prior='svfsal', folder=None), group)

@@ -13,9 +13,10 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-
+import pytest
 import test_train
-from coseg_jax import train
+
+from coseg_jax.core import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,10 +36,10 @@ def _child_output(proc):
 def _devices_child(tmp):
   import flax.linen as nn
   import jax
-  import optax
   from jax.sharding import PartitionSpec
+  import optax
 
-  from coseg_jax import attention
+  from coseg_jax.multiclass import attention
 
   class Tiny(nn.Module):
     """Dense -> self + mutual attention -> Dense: MA mixes every image with the batch."""
@@ -108,6 +109,7 @@ def _devices_child(tmp):
   return out
 
 
+@pytest.mark.slow
 def test_sharded_step_and_fit_match_single_device(tmp_path):
   out = _child_output(subprocess.run(
       [sys.executable, __file__, 'devices', str(tmp_path)], env=_env(4), capture_output=True,
@@ -149,6 +151,7 @@ def _process_child(process_id, address, tmp):
           **_fit_record(tmp)}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))

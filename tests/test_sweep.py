@@ -15,9 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from coseg_jax import metrics
-from coseg_jax import sweep
-from coseg_jax.errors import InputError
+from coseg_jax.cli import flags
+from coseg_jax.cli import sweep
+from coseg_jax.core.errors import InputError
+from coseg_jax.multiclass import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'three_class.py')
@@ -86,13 +87,13 @@ def test_grid_expansion_and_names():
 
 
 def test_keys_are_checked_against_the_config():
-  config = sweep.load_config(CONFIG)
-  sweep.check_keys(config, ['model.attention', 'infer.crf.iterations', 'data.root'], CONFIG)
+  config = flags.load_config(CONFIG)
+  flags.check_keys(config, ['model.attention', 'infer.crf.iterations', 'data.root'], CONFIG)
   for keys in (['model.atention'], ['model.attention.x'], ['seed', 'seed']):
     with pytest.raises(InputError):
-      sweep.check_keys(config, keys, CONFIG)
+      flags.check_keys(config, keys, CONFIG)
   with pytest.raises(InputError, match='no such config file'):
-    sweep.load_config(CONFIG + '.missing')
+    flags.load_config(CONFIG + '.missing')
 
 
 def test_command_is_quiet_and_grid_wins():
@@ -216,6 +217,7 @@ def test_interrupt_forwards_one_sigterm_to_running_runs(tmp_path, monkeypatch):
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
 
 
+@pytest.mark.slow
 def test_real_sweep_of_two_runs(tmp_path):
   # The training-free baseline keeps two real bin/run.py runs to seconds.
   cmd = [sys.executable, os.path.join(ROOT, 'bin', 'sweep.py'),

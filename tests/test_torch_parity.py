@@ -12,22 +12,22 @@ well-conditioned objective.
 """
 import functools
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import traverse_util
 
-from coseg_jax import backbones
-from coseg_jax import config
-from coseg_jax import convert
-from coseg_jax import deepco3
-from coseg_jax import multiclass
 from coseg_jax import torch_ref
-from coseg_jax import train
-from coseg_jax import weights
+from coseg_jax.backbones import convert
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.backbones import weights
+from coseg_jax.core import config
+from coseg_jax.core import train
+from coseg_jax.instance import model as deepco3
+from coseg_jax.multiclass import pipeline as multiclass
 
 TOL = 1e-4
 STEP_FACTORS = (1.0, -0.5, 2.0)
@@ -132,7 +132,7 @@ def _multiclass_setup(encoder_name, extractor_name, size=64, k=2, batch=3):
   cfg.num_classes = k
   encoder, encoder_vars = _backbone(encoder_name, size, seed=1)
   extractor, extractor_vars = _backbone(extractor_name, size, seed=2)
-  gen = multiclass.build_generator(cfg, encoder)
+  gen = multiclass.build_generator(cfg, encoder, cfg.num_classes)
   params = _randomize(jax.eval_shape(gen.init, jax.random.PRNGKey(0),
                                      jnp.zeros((batch, size, size, 3)))['params'], seed=0)
   params['encoder'] = encoder_vars['params']
@@ -159,6 +159,7 @@ def _three_steps(optimizer, params, grads):
   return params
 
 
+@pytest.mark.slow
 def test_multiclass_training_step_matches_torch():
   # The thesis' networks: VGG16 encoder, ResNet-50 extractor.
   encoder_name, extractor_name = 'vgg16', 'resnet50'
@@ -203,6 +204,7 @@ def test_multiclass_training_step_matches_torch():
   assert moved.min() > 1e-4  # the steps really changed the parameters
 
 
+@pytest.mark.slow
 def test_efficientnet_generator_float32_matches_torch():
   # float32, because torch's float64 depthwise convolution takes seconds per call. The
   # co-attention loss' gradients are ill-conditioned in float32 (module docstring), so
@@ -228,6 +230,7 @@ def test_efficientnet_generator_float32_matches_torch():
   assert used == sum(p.grad is not None for p in gen_t.parameters()) - 2
 
 
+@pytest.mark.slow
 def test_deepco3_losses_and_gradients_match_torch():
   size, batch = 96, 4
   backbone, variables = _backbone('vgg16', size, seed=4)
@@ -269,6 +272,7 @@ def test_deepco3_losses_and_gradients_match_torch():
   assert _assert_grads_close(want, model_t) == len(want)
 
 
+@pytest.mark.slow
 def test_peaks_and_median_match_jax_on_ties():
   # Plateaus (ties) and an even element count exercise '>=' and the two-value median.
   x = np.random.default_rng(6).integers(0, 4, (3, 4, 5, 4, 6)).astype(np.float32)

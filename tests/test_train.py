@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coseg_jax import train
-from coseg_jax.errors import DivergedError
+from coseg_jax.core import train
+from coseg_jax.core.errors import DivergedError
 
 TC = train.TrainConfig(epochs=3, batch_size=2, learning_rate=0.3, weight_decay=5e-4,
                        checkpoint_every=2, seed=3)
@@ -138,7 +138,7 @@ def _swallowed_sigterm():
 
 
 def test_dropped_sigterm_interrupt_still_stops_the_run():
-  from coseg_jax import errors
+  from coseg_jax.core import errors
   with pytest.raises(KeyboardInterrupt):
     with errors.sigterm_as_interrupt():
       _swallowed_sigterm()
@@ -155,7 +155,7 @@ def test_dropped_sigterm_interrupt_still_stops_the_run():
 def test_sigterm_in_a_gc_callback_stops_the_run_without_a_traceback(monkeypatch):
   # JAX's gc callback is where a SIGTERM's KeyboardInterrupt was dropped, with Python
   # printing "Exception ignored in ..." and a traceback to stderr.
-  from coseg_jax import errors
+  from coseg_jax.core import errors
   reported = []  # what Python would print as "Exception ignored in ..."
   monkeypatch.setattr(sys, 'unraisablehook', reported.append)
 

@@ -4,9 +4,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from coseg_jax import data
-from coseg_jax import fileio
-from coseg_jax import visualize
+from coseg_jax.core import data
+from coseg_jax.core import fileio
+from coseg_jax.core import visualize
 
 
 def _colour_present(image, colour):

@@ -11,15 +11,17 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
 from PIL import Image
 import skimage.data
 
-from coseg_jax import fileio
-from coseg_jax import visualize
-from coseg_jax.errors import InputError
+from coseg_jax.core import data
+from coseg_jax.core import fileio
+from coseg_jax.core import visualize
+from coseg_jax.core.errors import InputError
 
 _VERSION = 3
 _MANIFEST = 'demo.json'
@@ -53,6 +55,20 @@ _BACKGROUNDS = (
 def multiclass_names(num_classes) -> tuple[str, ...]:
   """Names of classes 1..K of `make_multiclass_demo`."""
   return tuple(o.name for o in _OBJECTS[:num_classes])
+
+
+def group_paths(config, workdir) -> list[str]:
+  """The groups under `config.data.root`; unset, the built-in demo group of
+  `config.method`, generated into `workdir/demo_data`."""
+  if config.data.root is not None:
+    return data.find_groups(config.data.root, config.data.groups)
+  out_dir = os.path.join(workdir, 'demo_data')
+  if config.method == 'instance':
+    path = make_instance_demo(out_dir, seed=config.seed)
+  else:
+    path = make_multiclass_demo(out_dir, config.num_classes, seed=config.seed)
+  logging.getLogger('coseg_jax').info('data: built-in %s demo group at %s', config.method, path)
+  return [path]
 
 
 def make_multiclass_demo(out_dir, num_classes, *, num_images=6, size=256, seed=0) -> str:

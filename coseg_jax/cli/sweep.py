@@ -16,7 +16,6 @@ group (`<group>:P`). It is written as results.md and results.csv in SWEEP.
 import collections
 import csv
 import dataclasses
-import importlib.util
 import io
 import itertools
 import json
@@ -26,9 +25,10 @@ import subprocess
 import sys
 import time
 
-from coseg_jax import errors
-from coseg_jax import fileio
-from coseg_jax.errors import InputError
+from coseg_jax.cli import flags
+from coseg_jax.core import errors
+from coseg_jax.core import fileio
+from coseg_jax.core.errors import InputError
 
 _KEY = re.compile(r'[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
 # Metric columns come first in this order; other scalars follow alphabetically.
@@ -71,30 +71,6 @@ def parse_grid(specs):
 def parse_sets(specs):
   """['data.image_size=128', ...] -> [('data.image_size', '128'), ...]."""
   return [_split_override(spec, '--set') for spec in specs]
-
-
-def load_config(config_path):
-  """The ConfigDict of a configs/*.py file, as bin/run.py would load it."""
-  if not os.path.isfile(config_path):
-    raise InputError(f'{config_path}: no such config file')
-  spec = importlib.util.spec_from_file_location('_sweep_config', config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def check_keys(config, keys, config_path):
-  """Every key names a field of `config`: a typo fails here, not in every run."""
-  seen = set()
-  for key in keys:
-    if key in seen:
-      raise InputError(f'{key}: overridden twice (in --grid or --set)')
-    seen.add(key)
-    node = config
-    for part in key.split('.'):
-      if not hasattr(node, 'keys') or part not in node:
-        raise InputError(f'{config_path}: no config field {key}')
-      node = node[part]
 
 
 def _short_keys(keys):
@@ -294,7 +270,8 @@ def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1,
                      f'= {parallel * gpus_per_run} GPUs')
   config_path = os.path.abspath(config_path)
   grid, sets = parse_grid(grid_specs), parse_sets(set_specs)
-  check_keys(load_config(config_path), [k for k, _ in grid] + [k for k, _ in sets], config_path)
+  flags.check_keys(flags.load_config(config_path), [k for k, _ in grid] + [k for k, _ in sets],
+                    config_path)
   runs = expand(grid)
   try:
     os.makedirs(sweep_dir, exist_ok=True)

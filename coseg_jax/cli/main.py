@@ -5,16 +5,16 @@ import sys
 
 from absl import logging as absl_logging
 
-from coseg_jax import errors
-from coseg_jax import fileio
-from coseg_jax import report
-from coseg_jax import train
-from coseg_jax.errors import DivergedError, InputError
+from coseg_jax.core import errors
+from coseg_jax.core import fileio
+from coseg_jax.core import report
+from coseg_jax.core import train
+from coseg_jax.core.errors import DivergedError
+from coseg_jax.core.errors import InputError
 
 log = logging.getLogger('coseg_jax')
 
 # Every backbone has stride 32: smaller inputs have no feature map to speak of.
-MIN_IMAGE_SIZE = 32
 
 
 def _prepare_workdir(workdir):
@@ -46,31 +46,26 @@ def _setup_logging(workdir):
   log.propagate = False
 
 
-def _check_shared(config):
-  """Fields every method reads, checked before anything is written; each method's run
-  checks its own fields."""
-  if config.data.image_size < MIN_IMAGE_SIZE:
-    raise InputError(f'config.data.image_size: must be at least {MIN_IMAGE_SIZE} (the backbones '
-                     f'downsample {MIN_IMAGE_SIZE}x), got {config.data.image_size}')
-  if config.data.batch_size < 1:
-    raise InputError(f'config.data.batch_size: must be at least 1, got {config.data.batch_size}')
+def _pipeline(config):
+  """The method's pipeline module (imported on demand: each pulls in its own models)."""
+  if config.method == 'multiclass':
+    from coseg_jax.multiclass import pipeline
+  elif config.method == 'instance':
+    from coseg_jax.instance import pipeline
+  else:
+    raise InputError(f'config.method: unknown method {config.method!r} (multiclass | instance)')
+  return pipeline
 
 
 def run(config, workdir):
   """Runs the experiment `config` into `workdir`; returns the metrics dict."""
-  _check_shared(config)
+  pipeline = _pipeline(config)
+  pipeline.check_config(config)
   _prepare_workdir(workdir)
   _setup_logging(workdir)
   train.initialize_distributed(config.distributed)
   fileio.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2) + '\n')
-  if config.method == 'multiclass':
-    from coseg_jax import multiclass
-    metrics = multiclass.run(config, workdir)
-  elif config.method == 'instance':
-    from coseg_jax import instance
-    metrics = instance.run(config, workdir)
-  else:
-    raise InputError(f'config.method: unknown method {config.method!r} (multiclass | instance)')
+  metrics = pipeline.run(config, workdir)
   log.info('report: %s', report.write(workdir))
   return metrics
 

@@ -4,7 +4,11 @@ Every field is overridable from the command line as `--config.section.field=valu
 Optional paths use `placeholder(str)` (None until set) because a plain None default
 cannot be overridden from a flag; sequences are tuples for the same reason.
 """
+import functools
+
 from ml_collections import config_dict
+
+from coseg_jax.core import errors
 
 placeholder = config_dict.placeholder
 
@@ -56,6 +60,28 @@ def _distributed():
   d.num_processes = placeholder(int)
   d.process_id = placeholder(int)
   return d
+
+
+# The smallest input: the backbones downsample 32x.
+MIN_IMAGE_SIZE = 32
+
+
+def check_shared(config):
+  """The fields every method reads; each method's `check_config` adds its own. Every
+  numeric field's range is checked before anything is built or written."""
+  r = functools.partial(errors.check_range, config)
+  r('seed', 0, integer=True)
+  r('data.image_size', MIN_IMAGE_SIZE, integer=True)
+  r('data.batch_size', 1, integer=True)
+  r('train.epochs', 1, integer=True)
+  r('train.learning_rate', 0, above=True)
+  r('train.weight_decay', 0)
+  r('train.head_lr_mult', 0, above=True)
+  r('train.b1', 0, 1, below=True)
+  r('train.b2', 0, 1, below=True)
+  r('train.eps', 0, above=True)
+  r('train.checkpoint_every', 1, integer=True)
+  r('train.max_checkpoints', 1, integer=True)
 
 
 def multiclass():

@@ -16,11 +16,11 @@ bilinear resizes keep their standard backward passes.
 import functools
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from coseg_jax import backbones
+from coseg_jax.backbones import cpu_kernels
 
 _EPS = 1e-10
 
@@ -32,7 +32,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   # The backbones' convolution (depthwise as slices, 1x1 as dots: XLA's CPU grouped convs
   # are slow) in the forward and in the rule's conv / conv^T; the rule is unchanged.
   conv = functools.partial(
-      backbones.conv_general_dilated, window_strides=window_strides, padding=padding,
+      cpu_kernels.conv_general_dilated, window_strides=window_strides, padding=padding,
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)

@@ -16,16 +16,16 @@ import json
 import logging
 import os
 
+from flax import linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax import traverse_util
 
-from coseg_jax import backbones
-from coseg_jax import convert
-from coseg_jax import fileio
-from coseg_jax.errors import InputError
+from coseg_jax.backbones import convert
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.core import fileio
+from coseg_jax.core.errors import InputError
 
 # Published file names (glob patterns), searched in this order in a weights directory.
 WEIGHT_FILES = {

@@ -15,9 +15,9 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from coseg_jax import backbones
-from coseg_jax import torch_pickle
-from coseg_jax.errors import InputError
+from coseg_jax.backbones import modules as backbones
+from coseg_jax.backbones import torch_pickle
+from coseg_jax.core.errors import InputError
 
 _HDF5_MAGIC = b'\x89HDF\r\n\x1a\n'
 _MAX_LISTED = 40

@@ -15,13 +15,14 @@ import os
 import re
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
-from coseg_jax import data
-from coseg_jax import fileio
-from coseg_jax import instance
-from coseg_jax import visualize
-from coseg_jax.errors import InputError
+from coseg_jax.core import data
+from coseg_jax.core import fileio
+from coseg_jax.core import visualize
+from coseg_jax.core.errors import InputError
 
 REPORT_NAME = 'report.html'
 # Longest side of the embedded images; the files in the work directory keep full size.
@@ -300,7 +301,7 @@ def _image_row(stem, overlay_path, sample, record, class_names, method):
 def _truth_overlay(sample, class_names, method):
   if method == 'instance' and sample.instances:
     return visualize.overlay(sample.image,
-                             instance.instance_labels(sample.instances, sample.image.shape[:2]))
+                             visualize.instance_labels(sample.instances, sample.image.shape[:2]))
   if sample.mask is not None:
     return visualize.overlay(sample.image, sample.mask, names=class_names)
   return None

@@ -30,11 +30,10 @@ from scipy import ndimage
 from skimage import color
 from skimage import segmentation
 
-from coseg_jax import instance_metrics
-from coseg_jax.errors import InputError
-from coseg_jax.saliency import read_mat
-from coseg_jax.saliency import resize_long_side
-from coseg_jax.saliency import superpixel_graph
+from coseg_jax.core import data
+from coseg_jax.core.errors import InputError
+from coseg_jax.instance import metrics as instance_metrics
+from coseg_jax.instance.saliency import superpixel_graph
 
 SOURCES = ('builtin', 'folder')
 PROPOSAL_EXTENSIONS = ('.mat', '.h5', '.hdf5')
@@ -47,16 +46,6 @@ STRATEGIES = tuple((space, k, sims)
                    for space in ('hsv', 'lab')
                    for k in (50, 100, 200)
                    for sims in ('ctsf', 'tsf'))
-
-
-def resize_masks(masks_NxHxW, shape_hw):
-  """Nearest-neighbour resize of a mask stack (pixel centres, like PIL's NEAREST)."""
-  n, h, w = masks_NxHxW.shape
-  if (h, w) == tuple(shape_hw):
-    return masks_NxHxW
-  rows = np.minimum(((np.arange(shape_hw[0]) + 0.5) * h / shape_hw[0]).astype(int), h - 1)
-  cols = np.minimum(((np.arange(shape_hw[1]) + 0.5) * w / shape_hw[1]).astype(int), w - 1)
-  return masks_NxHxW[:, rows][:, :, cols]
 
 
 def _color_channels(image_uint8, space):
@@ -196,7 +185,7 @@ def generate(image_uint8, *, min_area=2e-5, max_area=0.85, max_count=1000, work_
   of a large output is one gather (about 1 s for 1000 masks of 512x512 on one core).
   """
   # A fixed working size keeps Felzenszwalb's k (in pixel units) meaningful.
-  small = resize_long_side(image_uint8, work_size)
+  small = data.resize_long_side(image_uint8, work_size)
   rng = np.random.default_rng(seed)
   base, members, priority = {}, {}, {}
   for space, k, sims in strategies:
@@ -219,7 +208,7 @@ def generate(image_uint8, *, min_area=2e-5, max_area=0.85, max_count=1000, work_
   out = np.empty((len(chosen),) + shape_hw, bool)
   for i, (k, c) in enumerate(zip(base, pool)):
     sel = np.flatnonzero(scale_of[chosen] == i)
-    out[sel] = c['members'][row_of[chosen[sel]]][:, resize_masks(base[k][None], shape_hw)[0]]
+    out[sel] = c['members'][row_of[chosen[sel]]][:, data.resize_labels(base[k], shape_hw)]
   return out
 
 
@@ -237,7 +226,7 @@ def _from_superpixels(superpixels_HxW, label_lists, path):
 
 
 def _read_mat_masks(path):
-  variables = read_mat(path)
+  variables = data.read_mat(path)
   if 'masks' in variables:
     m = np.asarray(variables['masks'])
     return np.moveaxis(m, -1, 0) if m.ndim == 3 else m[None]
@@ -265,7 +254,7 @@ def load_proposals(path, shape_hw):
   h, w = masks.shape[1:]
   if abs(h * shape_hw[1] - w * shape_hw[0]) > 0.05 * w * shape_hw[0]:
     raise InputError(f'{path}: masks are {h}x{w} but the image is {shape_hw[0]}x{shape_hw[1]}')
-  return resize_masks(masks.astype(bool), shape_hw)
+  return data.resize_labels(masks.astype(bool), shape_hw)
 
 
 def proposals_for(cfg_proposals, stem, image_uint8):
@@ -273,8 +262,7 @@ def proposals_for(cfg_proposals, stem, image_uint8):
   if cfg_proposals.source == 'builtin':
     return generate(image_uint8, min_area=cfg_proposals.min_area, max_area=cfg_proposals.max_area)
   if cfg_proposals.source != 'folder':
-    raise InputError(f'config.proposals.source: unknown source {cfg_proposals.source!r} '
-                     f'({" | ".join(SOURCES)})')
+    raise ValueError(f'unknown proposal source {cfg_proposals.source!r} ({" | ".join(SOURCES)})')
   folder = cfg_proposals.folder
   if not folder or not os.path.isdir(folder):
     raise InputError(f'{folder}: proposal folder does not exist (config.proposals.folder)')

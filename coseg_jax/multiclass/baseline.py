@@ -4,11 +4,13 @@ k-means of the frozen extractor's dense features into K+1 clusters over the whol
 Cluster ids are arbitrary; like the method's channels, they go through
 `infer.background_by_border` before scoring, so both name their background the same way.
 """
+import functools
+
 import jax
 import numpy as np
 from scipy.cluster import vq
 
-from coseg_jax import data
+from coseg_jax.core import data
 
 # Independent k-means++ starts; the one of lowest inertia is kept.
 _RESTARTS = 4
@@ -52,13 +54,19 @@ def soft_maps(labels_hxw, num_labels, out_hw):
   return data.resize_probs(one_hot_hxwxL, out_hw)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dense_features(backbone, tap, variables, x_BxSxSx3):
+  # Module-level and keyed by the (hashable) backbone: compiled once per run, not per group.
+  return backbone.apply(variables, x_BxSxSx3, taps=(tap,))[tap]
+
+
 def cluster_baseline(backbone, variables, images_NxSxSx3, out_shapes, num_classes, seed, tap):
   """The §6a baseline for one group: HxWx(K+1) soft maps at each image's original size.
 
   `images_NxSxSx3` is the network input the method itself sees (data.resize_batch);
   `backbone.apply(variables, x01_BxSxSx3, taps=(tap,))[tap]` gives the dense features.
   """
-  extract = jax.jit(lambda v, x: backbone.apply(v, x, taps=(tap,))[tap])
-  feats = [np.asarray(extract(variables, image[None]))[0] for image in images_NxSxSx3]
+  feats = [np.asarray(_dense_features(backbone, tap, variables, image[None]))[0]
+           for image in images_NxSxSx3]
   labels = cluster_group(feats, num_classes + 1, seed)
   return [soft_maps(l, num_classes + 1, hw) for l, hw in zip(labels, out_shapes)]

@@ -1,27 +1,30 @@
 """Multi-class object co-segmentation (thesis method, SPEC §3): one model per image group."""
+import dataclasses
 import functools
 import logging
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coseg_jax import attention
-from coseg_jax import baselines
-from coseg_jax import data
-from coseg_jax import demo
-from coseg_jax import errors
-from coseg_jax import fileio
-from coseg_jax import generator
-from coseg_jax import infer
-from coseg_jax import losses
-from coseg_jax import metrics
-from coseg_jax import progress
-from coseg_jax import train
-from coseg_jax import visualize
-from coseg_jax import weights
-from coseg_jax.errors import InputError
+from coseg_jax.backbones import weights
+from coseg_jax.core import config as defaults
+from coseg_jax.core import data
+from coseg_jax.core import demo
+from coseg_jax.core import errors
+from coseg_jax.core import fileio
+from coseg_jax.core import progress
+from coseg_jax.core import train
+from coseg_jax.core import visualize
+from coseg_jax.core.errors import InputError
+from coseg_jax.multiclass import attention
+from coseg_jax.multiclass import baseline
+from coseg_jax.multiclass import generator
+from coseg_jax.multiclass import losses
+from coseg_jax.multiclass import metrics
+from coseg_jax.multiclass import postprocess
 
 log = logging.getLogger('coseg_jax')
 
@@ -55,7 +58,7 @@ def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
   return loss, {f'area{i}': area_K1[i] for i in range(maps_BxHxWxK1.shape[-1])}
 
 
-def build_generator(config, encoder):
+def build_generator(config, encoder, num_classes):
   tap = config.model.encoder_tap
   if tap == 'auto':
     tap = generator.ENCODER_TAPS[encoder.name]
@@ -63,7 +66,7 @@ def build_generator(config, encoder):
     raise InputError(f'config.model.encoder_tap: {encoder.name} has no tap {tap!r} '
                      f'({", ".join(encoder.tap_info())})')
   spec = generator.GeneratorSpec(
-      num_classes=config.num_classes,
+      num_classes=num_classes,
       preprocessing=encoder.preprocessing,
       tap=tap,
       attention=attention.AttentionSpec(
@@ -81,17 +84,40 @@ def init_params(gen, encoder_vars, image_size, batch_size, seed):
   return params
 
 
-def cluster_init(gen, params, images_NxSxSx3, num_classes, seed, temperature=10.0):
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The generator of one K with its jitted functions, initial params and trainer, built
+  once per run and shared by every group of that K, so nothing compiles per group."""
+  gen: generator.Generator
+  params: dict
+  features: Callable  # (params, x_BxSxSx3) -> encoder features at the classifier
+  maps: Callable  # (params, x_BxSxSx3) -> co-attention maps BxSxSx(K+1)
+  trainer: train.Trainer
+
+  @classmethod
+  def build(cls, config, num_classes, encoder, encoder_vars, extractor):
+    gen = build_generator(config, encoder, num_classes)
+    return cls(
+        gen=gen,
+        params=init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
+                           config.seed),
+        features=jax.jit(lambda p, x: gen.apply({'params': p}, x, method=gen.features)),
+        maps=jax.jit(lambda p, x: gen.apply({'params': p}, x)),
+        trainer=train.Trainer(functools.partial(loss_fn, gen, extractor, config.loss),
+                              train.TrainConfig.from_config(config)))
+
+
+def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperature=10.0):
   """The classifier initialised from k-means of the group's encoder features (BUILD.md).
 
   logits_k = temperature * <f, c_k> / mean|f| for unit centroids c_k is a soft
   nearest-centroid rule; the cluster owning most image border becomes channel 0.
+  `features(params, x_BxSxSx3)` is the generator's encoder output (`Model.features`).
   """
-  feat = jax.jit(lambda p, x: gen.apply({'params': p}, x, method=gen.features))
-  feats = [np.asarray(feat(params, x[None]))[0] for x in images_NxSxSx3]
-  centers_K1xC, labels = baselines.kmeans_group(feats, num_classes + 1, seed)
+  feats = [np.asarray(features(params, x[None]))[0] for x in images_NxSxSx3]
+  centers_K1xC, labels = baseline.kmeans_group(feats, num_classes + 1, seed)
   order = np.arange(num_classes + 1)
-  bg = infer.border_label(labels, num_classes + 1)
+  bg = postprocess.border_label(labels, num_classes + 1)
   order[[0, bg]] = order[[bg, 0]]
   mean_norm = np.mean([np.linalg.norm(f, axis=-1).mean() for f in feats])
   kernel_CxK1 = (temperature / mean_norm) * centers_K1xC[order].T
@@ -99,41 +125,19 @@ def cluster_init(gen, params, images_NxSxSx3, num_classes, seed, temperature=10.
                                   'bias': jnp.zeros((num_classes + 1,), jnp.float32)})
 
 
-def predict(gen, params, images_NxSxSx3, batch_size):
-  """Co-attention maps of every image, in batches of the training size (mutual
-  attention needs partners): image order, the last batch wrapping around."""
-  apply = jax.jit(lambda p, x: gen.apply({'params': p}, x))
-  n = len(images_NxSxSx3)
-  out = []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n
-    maps = np.asarray(apply(params, images_NxSxSx3[idx]))
-    out.extend(maps[:min(batch_size, n - start)])
-  return out
-
-
-def _group_paths(config, workdir):
-  if config.data.root is None:
-    path = demo.make_multiclass_demo(os.path.join(workdir, 'demo_data'), config.num_classes,
-                                     seed=config.seed)
-    log.info('data: built-in demo group (%d classes) at %s', config.num_classes, path)
-    return [path]
-  return data.find_groups(config.data.root, config.data.groups)
-
-
-def train_generator(config, gen, params, images, extractor, extractor_vars, group_dir, desc):
+def train_generator(config, model, params, images, extractor_vars, group_dir, desc):
   """Trains one group's generator (resuming from group_dir/checkpoints)."""
-  params, _ = train.fit(
-      functools.partial(loss_fn, gen, extractor, config.loss), params, extractor_vars,
-      {'image': images}, train.TrainConfig.from_config(config),
-      ckpt_dir=os.path.join(group_dir, 'checkpoints'),
+  params, _ = model.trainer.fit(
+      params, extractor_vars, {'image': images}, ckpt_dir=os.path.join(group_dir, 'checkpoints'),
       log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet, desc=desc)
   return params
 
 
-def group_maps(config, gen, params, images, group):
-  """Co-attention maps of every image of `group`, resized to its original size."""
-  maps = predict(gen, params, images, config.data.batch_size)
+def group_maps(config, model, params, images, group):
+  """Co-attention maps of every image of `group`, resized to its original size; in
+  batches of the training size, as mutual attention needs partners."""
+  maps = train.predict_in_batches(functools.partial(model.maps, params), images,
+                                  config.data.batch_size)
   return [data.resize_probs(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
 
 
@@ -141,8 +145,8 @@ def label_group(config, group, maps):
   """Eq. 8 + argmax or CRF per image, then label 0 = the group's background."""
   pairs = progress.bar(zip(group.samples, maps), total=len(maps), desc=f'infer {group.name}',
                        quiet=config.output.quiet)
-  return infer.background_by_border(
-      [infer.labels_from_maps(s.image, m, config.infer) for s, m in pairs], config.num_classes + 1)
+  return postprocess.background_by_border(
+      [postprocess.labels_from_maps(s.image, m, config.infer) for s, m in pairs], config.num_classes + 1)
 
 
 def score(config, group, labels):
@@ -153,33 +157,42 @@ def score(config, group, labels):
                              fixed_background=True, names=[s.stem for s in group.samples])
 
 
-def segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir):
-  """Soft maps (HxWx(K+1), original size) for every image of `group`."""
+def segment_group(config, group, model, extractor, extractor_vars, group_dir):
+  """Soft maps (HxWx(K+1), original size) for every image of `group`; `model` is the
+  run's `Model` (None for the baseline)."""
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
   if config.baseline == 'cluster':
-    return baselines.cluster_baseline(
+    return baseline.cluster_baseline(
         extractor, extractor_vars, images, [s.image.shape[:2] for s in group.samples],
         config.num_classes, config.seed, tap=EXTRACTOR_TAPS[extractor.name])
-  gen = build_generator(config, encoder)
-  params = init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
-                       config.seed)
+  params = model.params
   if config.model.classifier_init == 'cluster':
-    params = cluster_init(gen, params, images, config.num_classes, config.seed)
-  params = train_generator(config, gen, params, images, extractor, extractor_vars, group_dir,
+    params = cluster_init(model.features, params, images, config.num_classes, config.seed)
+  params = train_generator(config, model, params, images, extractor_vars, group_dir,
                            desc=f'train {group.name}')
-  return group_maps(config, gen, params, images, group)
+  return group_maps(config, model, params, images, group)
 
 
-def _check_config(config):
-  """Everything that would otherwise fail only after a group has trained."""
-  if config.num_classes < 1:
-    raise InputError(f'config.num_classes: K must be at least 1, got {config.num_classes}')
+def check_config(config):
+  """Every field of the method's config, before anything is built or written (bin/run.py
+  calls it before touching the work directory); problems are one-line InputErrors."""
+  defaults.check_shared(config)
+  r = functools.partial(errors.check_range, config)
+  r('num_classes', 1, integer=True)
+  r('model.attention_reduction', 1, integer=True)
+  r('model.mutual_scale_power')
+  r('loss.feature_scale', 0, above=True)
+  r('infer.crf.iterations', 0, integer=True)
+  for field in ('gaussian_sxy', 'bilateral_sxy', 'bilateral_srgb', 'unary_power'):
+    r(f'infer.crf.{field}', 0, above=True)  # a zero std makes the CRF divide by zero
+  for field in ('gaussian_compat', 'bilateral_compat'):
+    r(f'infer.crf.{field}', 0)
   errors.check_one_of('baseline', config.baseline, ('none', 'cluster'))
   errors.check_one_of('model.attention', config.model.attention, attention.MODES)
   errors.check_one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
   errors.check_one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
   errors.check_one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
-  errors.check_one_of('infer.method', config.infer.method, infer.METHODS)
+  errors.check_one_of('infer.method', config.infer.method, postprocess.METHODS)
   if config.data.batch_size < 2:
     # The co-attention loss compares pairs of images (and mutual attention needs them).
     raise InputError(f'config.data.batch_size: the co-attention loss needs at least 2 images '
@@ -187,12 +200,12 @@ def _check_config(config):
 
 
 def run(config, workdir):
-  _check_config(config)
+  check_config(config)
   k = config.num_classes
   # Every group is read and validated before anything trains: a bad file in the last
   # group must not cost the training of the first ones.
   groups = [data.load_group(path, num_classes=k, min_images=config.data.batch_size)
-            for path in _group_paths(config, workdir)]
+            for path in demo.group_paths(config, workdir)]
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
@@ -203,12 +216,15 @@ def run(config, workdir):
   log.info('extractor: %s <- %s', extractor.name, extractor.source)
   method = 'clustering baseline' if config.baseline == 'cluster' else f'co-attention ({config.model.attention})'
 
+  model = None
+  if config.baseline == 'none':
+    model = Model.build(config, k, encoder, encoder_vars, extractor)
   results = {}
   for group in groups:
     group_dir = os.path.join(workdir, group.name)
     log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
              method, config.infer.method)
-    maps = segment_group(config, group, encoder, encoder_vars, extractor, extractor_vars, group_dir)
+    maps = segment_group(config, group, model, extractor, extractor_vars, group_dir)
     labels = label_group(config, group, maps)
     scores = score(config, group, labels)
     if scores is not None:

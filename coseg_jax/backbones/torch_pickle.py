@@ -19,7 +19,7 @@ import zipfile
 
 import numpy as np
 
-from coseg_jax.errors import InputError
+from coseg_jax.core.errors import InputError
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001

@@ -21,15 +21,17 @@ import signal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from coseg_jax import errors
-from coseg_jax import fileio
-from coseg_jax import progress
-from coseg_jax.errors import DivergedError
+from coseg_jax.core import errors
+from coseg_jax.core import fileio
+from coseg_jax.core import progress
+from coseg_jax.core.errors import DivergedError
 
 log = logging.getLogger('coseg_jax')
 
@@ -90,11 +92,15 @@ def batch_indices(num_items, batch_size, seed, step):
 
 
 def train_step(loss_fn, optimizer, state, frozen, batch):
+  """One Adam step; the loss comes back NaN when the updated params are not finite, so
+  the trainer's guard also stops a step whose loss was finite but whose update was not
+  (e.g. a NaN learning rate), before those params reach a checkpoint."""
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], frozen, batch)
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
-  new_state = {'params': optax.apply_updates(state['params'], updates),
-               'opt_state': opt_state, 'step': state['step'] + 1}
-  return new_state, loss, aux
+  params = optax.apply_updates(state['params'], updates)
+  finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+  new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
+  return new_state, jnp.where(finite, loss, jnp.nan), aux
 
 
 def initialize_distributed(cfg):
@@ -154,6 +160,18 @@ def jit_step(loss_fn, optimizer, mesh):
                  out_shardings=replicated, donate_argnums=() if on_cpu else (0,))
 
 
+def predict_in_batches(apply_fn, items_NxD, batch_size):
+  """`apply_fn` over fixed-size batches of `items_NxD` (one compile; the last batch wraps
+  around to the start, as models with cross-image terms need partners): per item, its
+  outputs as numpy (a pytree of arrays with a leading batch axis)."""
+  n = len(items_NxD)
+  out = []
+  for start in range(0, n, batch_size):
+    batch = jax.tree.map(np.asarray, apply_fn(items_NxD[np.arange(start, start + batch_size) % n]))
+    out.extend(jax.tree.map(lambda a, i=i: a[i], batch) for i in range(min(batch_size, n - start)))
+  return out
+
+
 class _StopRequested:
   """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is written."""
 
@@ -197,60 +215,72 @@ def _rewrite_log_upto(log_path, last_step):
   fileio.atomic_write_text(log_path, ''.join(keep))
 
 
-def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, quiet=False,
-        desc='train', devices=None):
-  """Trains `params` to minimise `loss_fn(params, frozen, batch) -> (loss, aux)`.
-
-  Args:
-    loss_fn: pure loss; `aux` is a dict of scalars logged per step.
-    params: trainable pytree (the only thing the optimizer sees).
-    frozen: pytree passed through unchanged (e.g. the frozen extractor's weights).
-    data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
-    tc: the training hyper-parameters.
-    ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
-    log_path: JSONL file, one record per step (step, epoch, loss, aux); written by
-      process 0 only.
-    devices: the devices to train on (default: all, see `data_mesh`).
-
-  Returns:
-    (params, history) where history is the list of per-step loss records of this call.
+class Trainer:
+  """The optimizer and the jitted step of one loss, built once per run and reused by every
+  group: the step's inputs (a batch of `tc.batch_size`, params, frozen tree) have the same
+  shapes for every group, so it compiles once per run however many groups there are.
   """
-  num_items = len(next(iter(data.values())))
-  per_epoch = steps_per_epoch(num_items, tc.batch_size)
-  total = tc.epochs * per_epoch
-  optimizer = make_optimizer(tc)
-  mesh = data_mesh(tc.batch_size, devices)
-  log.info('%s: %d device(s), batch of %d split %d-way', desc, mesh.size, tc.batch_size,
-           mesh.shape['data'])
-  if mesh.shape['replica'] > 1:
-    log.warning('%s: batch size %d is not a multiple of the %d devices; %d replicas repeat '
-                'each shard', desc, tc.batch_size, mesh.size, mesh.shape['replica'])
-  state = put({'params': params, 'opt_state': optimizer.init(params),
-               'step': jnp.zeros((), jnp.int32)}, mesh)
-  frozen = put(frozen, mesh)
-  chief = jax.process_index() == 0
 
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(ckpt_dir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
-  latest = mngr.latest_step()
-  if latest is not None:
-    state = mngr.restore(latest, args=ocp.args.StandardRestore(state))
-    log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
-    if chief:
-      _rewrite_log_upto(log_path, latest)
-  start = int(state['step'])
+  def __init__(self, loss_fn, tc: TrainConfig, devices=None):
+    """`loss_fn(params, frozen, batch) -> (loss, aux)`, pure; `aux` is a dict of scalars
+    logged per step. `devices`: the devices to train on (default: all, see `data_mesh`)."""
+    self.tc = tc
+    self.optimizer = make_optimizer(tc)
+    self.mesh = data_mesh(tc.batch_size, devices)
+    self.step_fn = jit_step(loss_fn, self.optimizer, self.mesh)
 
-  step_fn = jit_step(loss_fn, optimizer, mesh)
-  history = []
-  running = None
-  with _StopRequested() as stop, open(log_path if chief else os.devnull, 'a') as log_file, \
-      progress.bar(total=total, desc=desc, quiet=quiet or not chief) as pbar:
-    pbar.update(start)
-    for step in range(start, total):
-      idx = batch_indices(num_items, tc.batch_size, tc.seed, step)
-      batch = put({k: v[idx] for k, v in data.items()}, mesh, PartitionSpec('data'))
-      state, loss, aux = step_fn(state, frozen, batch)
+  def fit(self, params, frozen, data, *, ckpt_dir, log_path, quiet=False, desc='train'):
+    """Trains `params` on `data`, resuming from the latest checkpoint in `ckpt_dir`.
+
+    Args:
+      params: trainable pytree (the only thing the optimizer sees).
+      frozen: pytree passed through unchanged (e.g. the frozen extractor's weights).
+      data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
+      ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
+      log_path: JSONL file, one record per step (step, epoch, loss, aux); written by
+        process 0 only.
+
+    Returns:
+      (params, history) where history is the list of per-step loss records of this call.
+    """
+    tc, mesh = self.tc, self.mesh
+    num_items = len(next(iter(data.values())))
+    per_epoch = steps_per_epoch(num_items, tc.batch_size)
+    total = tc.epochs * per_epoch
+    log.info('%s: %d device(s), batch of %d split %d-way', desc, mesh.size, tc.batch_size,
+             mesh.shape['data'])
+    if mesh.shape['replica'] > 1:
+      log.warning('%s: batch size %d is not a multiple of the %d devices; %d replicas repeat '
+                  'each shard', desc, tc.batch_size, mesh.size, mesh.shape['replica'])
+    state = put({'params': params, 'opt_state': self.optimizer.init(params),
+                 'step': jnp.zeros((), jnp.int32)}, mesh)
+    frozen = put(frozen, mesh)
+    chief = jax.process_index() == 0
+
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(ckpt_dir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
+    latest = mngr.latest_step()
+    if latest is not None:
+      state = mngr.restore(latest, args=ocp.args.StandardRestore(state))
+      log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
+      if chief:
+        _rewrite_log_upto(log_path, latest)
+    start = int(state['step'])
+
+    history = []
+    running = None
+    # The step's loss is read on the host one step late, after the next step has been
+    # dispatched, so the device never waits for the host (nanodo); every loss is still
+    # checked, and read before any checkpoint that holds its update is written.
+    pending = None
+
+    def settle():
+      nonlocal pending, running
+      if pending is None:
+        return
+      step, loss, aux = pending
+      pending = None
       loss = float(loss)
       if not math.isfinite(loss):
         raise DivergedError(
@@ -264,13 +294,32 @@ def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, ckpt_dir, log_path, q
       running = loss if running is None else 0.9 * running + 0.1 * loss
       pbar.set_postfix(loss=f'{running:.4f}')
       pbar.update(1)
-      done = step + 1
-      if done % tc.checkpoint_every == 0 or done == total or stop.signum is not None:
-        mngr.save(done, args=ocp.args.StandardSave(state), force=True)
-      if stop.signum is not None:
-        mngr.wait_until_finished()
-        log.info('%s: stopped by signal %d at step %d; checkpoint written', desc, stop.signum, done)
-        raise KeyboardInterrupt
-  mngr.wait_until_finished()
-  mngr.close()
-  return state['params'], history
+
+    with _StopRequested() as stop, open(log_path if chief else os.devnull, 'a') as log_file, \
+        progress.bar(total=total, desc=desc, quiet=quiet or not chief) as pbar:
+      pbar.update(start)
+      for step in range(start, total):
+        idx = batch_indices(num_items, tc.batch_size, tc.seed, step)
+        batch = put({k: v[idx] for k, v in data.items()}, mesh, PartitionSpec('data'))
+        state, loss, aux = self.step_fn(state, frozen, batch)
+        settle()
+        pending = (step, loss, aux)
+        done = step + 1
+        if done % tc.checkpoint_every == 0 or done == total or stop.signum is not None:
+          settle()
+          mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+        if stop.signum is not None:
+          mngr.wait_until_finished()
+          log.info('%s: stopped by signal %d at step %d; checkpoint written', desc,
+                   stop.signum, done)
+          raise KeyboardInterrupt
+      settle()
+    mngr.wait_until_finished()
+    mngr.close()
+    return state['params'], history
+
+
+def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, devices=None, **kwargs):
+  """`Trainer(loss_fn, tc, devices).fit(params, frozen, data, **kwargs)`: for one-off
+  training; a run over several groups builds its Trainer once."""
+  return Trainer(loss_fn, tc, devices).fit(params, frozen, data, **kwargs)

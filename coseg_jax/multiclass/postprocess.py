@@ -6,7 +6,6 @@ come out as uint8 in the same order.
 import numpy as np
 from pydensecrf import densecrf
 
-from coseg_jax.errors import check_one_of
 
 # Probabilities are clipped here before the log so an exact zero gives a finite unary.
 _MIN_PROB = 1e-8
@@ -53,7 +52,8 @@ METHODS = ('argmax', 'crf')
 
 def labels_from_maps(image_HxWx3, S_HxWxK1, infer_cfg):
   """Eq. 8, then the post-processing named by `infer_cfg.method` (one of METHODS)."""
-  check_one_of('infer.method', infer_cfg.method, METHODS)
+  if infer_cfg.method not in METHODS:  # the pipeline's check_config names the field
+    raise ValueError(f'unknown inference method {infer_cfg.method!r} ({" | ".join(METHODS)})')
   S = normalize_maps(S_HxWxK1)
   if infer_cfg.method == 'argmax':
     return argmax_labels(S)

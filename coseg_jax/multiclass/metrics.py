@@ -13,7 +13,7 @@ so the result goes straight into metrics.json.
 import numpy as np
 from scipy import optimize
 
-IGNORE = 255
+from coseg_jax.core import data
 
 
 def confusion(pred_labels, gt_labels, num_labels):
@@ -23,7 +23,7 @@ def confusion(pred_labels, gt_labels, num_labels):
   if pred.shape != gt.shape:
     raise ValueError(f'prediction {np.shape(pred_labels)} and ground truth '
                      f'{np.shape(gt_labels)} differ in shape')
-  keep = gt != IGNORE
+  keep = gt != data.IGNORE_LABEL
   pred, gt = pred[keep], gt[keep]
   for name, labels in (('prediction', pred), ('ground truth', gt)):
     if labels.size and (labels.min() < 0 or labels.max() >= num_labels):

@@ -1,5 +1,6 @@
 """User-facing input errors (one line, exit status 2), and SIGTERM as an interrupt."""
 import contextlib
+import math
 import signal
 import sys
 
@@ -19,6 +20,29 @@ def check_one_of(field, value, allowed):
   """InputError naming the config field when `value` is not one of `allowed`."""
   if value not in allowed:
     raise InputError(f'config.{field}: {value!r} is not one of {" | ".join(allowed)}')
+
+
+def check_range(config, field, lo=None, hi=None, *, above=False, below=False, integer=False):
+  """InputError naming `config.<field>` (a dotted path) unless its value is a finite number
+  in [lo, hi] (`above`/`below`: the bound itself excluded) and, with `integer`, an int."""
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  ok = ok and not isinstance(value, bool) and math.isfinite(value)
+  if ok and lo is not None:
+    ok = value > lo if above else value >= lo
+  if ok and hi is not None:
+    ok = value < hi if below else value <= hi
+  if not ok:
+    bounds = []
+    if lo is not None:
+      bounds.append(f'{"above" if above else "at least"} {lo}')
+    if hi is not None:
+      bounds.append(f'{"below" if below else "at most"} {hi}')
+    kind = 'an integer' if integer else 'a finite number'
+    raise InputError(f'config.{field}: must be {kind}{", " + " and ".join(bounds) if bounds else ""}'
+                     f', got {value!r}')
 
 
 # SIGTERMs received inside `sigterm_as_interrupt`. Python drops an exception raised in a

@@ -27,10 +27,13 @@ composited over white; 16-bit images are scaled to 8 bits.
 import dataclasses
 import os
 
+import h5py
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+from PIL import ImageOps
+import scipy.io
 
-from coseg_jax.errors import InputError
+from coseg_jax.core.errors import InputError
 
 IGNORE_LABEL = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -103,7 +106,7 @@ def load_group(path, *, num_classes=None, need='none', min_images=1) -> Group:
   if need not in _NEEDS:
     raise ValueError(f'need must be one of {_NEEDS}, got {need!r}')
   if num_classes is not None and num_classes < 1:
-    raise InputError(f'config.num_classes: must be at least 1, got {num_classes}')
+    raise ValueError(f'num_classes must be at least 1, got {num_classes}')
   if os.path.isfile(path) and path.endswith('.txt'):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     if not os.path.isdir(os.path.join(root, 'JPEGImages')):
@@ -144,20 +147,57 @@ def resize_batch(images, size) -> np.ndarray:
       for im in images]) / 255.0
 
 
-def resize_labels(labels_HxW, shape_hw) -> np.ndarray:
-  """Nearest-neighbour resize of a label map or boolean mask to (H, W)."""
-  labels_HxW = np.asarray(labels_HxW)
-  im = Image.fromarray(labels_HxW.astype(np.uint8))
-  out = np.asarray(im.resize((shape_hw[1], shape_hw[0]), Image.NEAREST))
-  return out.astype(labels_HxW.dtype)
+def resize_labels(labels_NxHxW, shape_hw) -> np.ndarray:
+  """Nearest-neighbour resize of a label map, boolean mask or a stack of them (the last
+  two axes) to (H, W), sampling at pixel centres as PIL's NEAREST does; dtype kept."""
+  labels_NxHxW = np.asarray(labels_NxHxW)
+  h, w = labels_NxHxW.shape[-2:]
+  if (h, w) == tuple(shape_hw):
+    return labels_NxHxW
+  rows = np.minimum(((np.arange(shape_hw[0]) + 0.5) * h / shape_hw[0]).astype(int), h - 1)
+  cols = np.minimum(((np.arange(shape_hw[1]) + 0.5) * w / shape_hw[1]).astype(int), w - 1)
+  return labels_NxHxW[..., rows, :][..., cols]
 
 
-def resize_probs(probs_hxwxC, shape_hw) -> np.ndarray:
-  """Bilinear resize of per-channel maps (e.g. softmax outputs) to (H, W, C)."""
+def resize_probs(probs_hxwxC, shape_hw, axis=-1) -> np.ndarray:
+  """Bilinear resize of per-channel maps (e.g. softmax outputs; channels on `axis`) to
+  (H, W), each channel on its own."""
   size = (shape_hw[1], shape_hw[0])
   return np.stack([
       np.asarray(Image.fromarray(np.ascontiguousarray(c, np.float32), 'F').resize(size, Image.BILINEAR))
-      for c in np.moveaxis(np.asarray(probs_hxwxC), -1, 0)], axis=-1)
+      for c in np.moveaxis(np.asarray(probs_hxwxC), axis, 0)], axis=axis)
+
+
+def resize_long_side(image_uint8, long_side):
+  """Resized (up or down, bilinear) so its longer side is `long_side`, aspect kept."""
+  h, w = image_uint8.shape[:2]
+  scale = long_side / max(h, w)
+  size = (max(1, round(w * scale)), max(1, round(h * scale)))
+  return np.asarray(Image.fromarray(image_uint8).resize(size, Image.BILINEAR))
+
+
+def _h5_value(f, dataset):
+  value = dataset[()]
+  if dataset.dtype == h5py.ref_dtype:  # a cell array: one reference per cell
+    cells = np.empty(value.shape, object)
+    for idx, ref in np.ndenumerate(value):
+      cells[idx] = np.asarray(f[ref][()]).T
+    return cells.T
+  return np.asarray(value).T
+
+
+def read_mat(path):
+  """Variables of a MATLAB file, v5 or v7.3 (HDF5), as numpy arrays in MATLAB's axis order.
+
+  Cell arrays come back as object arrays. Unreadable files raise InputError.
+  """
+  try:
+    if h5py.is_hdf5(path):
+      with h5py.File(path, 'r') as f:
+        return {k: _h5_value(f, v) for k, v in f.items() if isinstance(v, h5py.Dataset)}
+    return {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith('__')}
+  except Exception as e:  # scipy and h5py raise many types for broken files.
+    raise InputError(f'{path}: cannot read .mat file ({type(e).__name__}: {e})') from None
 
 
 def _open(path, *, exif):

@@ -20,22 +20,23 @@ from typing import Callable
 
 import jax
 import numpy as np
-from scipy import ndimage
 
-from coseg_jax import data
-from coseg_jax import deepco3
-from coseg_jax import demo
-from coseg_jax import errors
-from coseg_jax import fileio
-from coseg_jax import instance_metrics
-from coseg_jax import progress
-from coseg_jax import prm
-from coseg_jax import proposals
-from coseg_jax import saliency
-from coseg_jax import train
-from coseg_jax import visualize
-from coseg_jax import weights
-from coseg_jax.errors import InputError
+from coseg_jax.backbones import weights
+from coseg_jax.core import config as defaults
+from coseg_jax.core import data
+from coseg_jax.core import demo
+from coseg_jax.core import errors
+from coseg_jax.core import fileio
+from coseg_jax.core import progress
+from coseg_jax.core import train
+from coseg_jax.core import visualize
+from coseg_jax.core.errors import InputError
+from coseg_jax.instance import baseline
+from coseg_jax.instance import metrics as instance_metrics
+from coseg_jax.instance import model as deepco3
+from coseg_jax.instance import prm
+from coseg_jax.instance import proposals
+from coseg_jax.instance import saliency
 
 log = logging.getLogger('coseg_jax')
 
@@ -60,12 +61,14 @@ class Network:
   """The DeepCO3 model and its initial params (zero head), built once per run.
 
   `prm_score` is the score function of the model's peak back-propagation twin; one
-  object for the whole run, so that its compiled PRM code is reused by every group.
+  object for the whole run, as is `trainer`, so that the compiled PRM code and training
+  step are reused by every group.
   """
   model: deepco3.DeepCO3
   prm_score: Callable
   params: dict
   frozen: dict  # the backbone's non-trainable collections
+  trainer: train.Trainer
 
 
 def build_network(config, backbone, backbone_vars):
@@ -75,7 +78,10 @@ def build_network(config, backbone, backbone_vars):
   params = {'backbone': backbone_vars['params'],
             'head': deepco3.init_head(backbone.tap_info()[tap][1])}
   frozen = {k: v for k, v in backbone_vars.items() if k != 'params'}
-  return Network(model, model.with_peak_backprop().score, params, frozen)
+  loss = functools.partial(deepco3.deepco3_loss, model=model,
+                           weights=deepco3.LossWeights.from_config(config))
+  return Network(model, model.with_peak_backprop().score, params, frozen,
+                 train.Trainer(loss, train.TrainConfig.from_config(config)))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -85,42 +91,10 @@ def _score_and_saliency(model, params, frozen, image01_BxSxSx3):
 
 
 def predict_maps(model, params, frozen, images_NxSxSx3, batch_size):
-  """(score Nxhxw, full-resolution saliency NxSxS) in fixed-size batches (one compile),
-  the last batch wrapping around."""
-  n = len(images_NxSxSx3)
-  scores, sals = [], []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n
-    score, sal = _score_and_saliency(model, params, frozen, images_NxSxSx3[idx])
-    keep = min(batch_size, n - start)
-    scores.extend(np.asarray(score)[:keep])
-    sals.extend(np.asarray(sal)[:keep])
-  return np.stack(scores), np.stack(sals)
-
-
-def to_image_size(maps_KxSxS, shape_hw):
-  """Bilinear resize of a stack of maps to the original image size (K x H x W)."""
-  return np.moveaxis(data.resize_probs(np.moveaxis(maps_KxSxS, 0, -1), shape_hw), -1, 0)
-
-
-def saliency_components(prior_HxW):
-  """§6(b) baseline of one image: (masks, scores) of the connected components of
-  prior > mean(prior), each scored by its mean prior, best first."""
-  labels, n = ndimage.label(prior_HxW > prior_HxW.mean())
-  if not n:
-    return np.zeros((0,) + prior_HxW.shape, bool), np.zeros(0)
-  ids = np.arange(1, n + 1)
-  scores = np.asarray(ndimage.mean(prior_HxW, labels, ids))
-  order = np.argsort(-scores, kind='stable')
-  return labels[None] == ids[order, None, None], scores[order]
-
-
-def instance_labels(masks_by_rank, shape_hw):
-  """uint8 HxW map, instance i (0-based rank) -> i + 1; better ranks win overlaps."""
-  labels = np.zeros(shape_hw, np.uint8)
-  for i in reversed(range(len(masks_by_rank))):
-    labels[masks_by_rank[i]] = i + 1
-  return labels
+  """(score Nxhxw, full-resolution saliency NxSxS) in fixed-size batches (one compile)."""
+  out = train.predict_in_batches(functools.partial(_score_and_saliency, model, params, frozen),
+                                 images_NxSxSx3, batch_size)
+  return np.stack([score for score, _ in out]), np.stack([sal for _, sal in out])
 
 
 def bbox_xywh(mask_HxW):
@@ -141,7 +115,7 @@ def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw,
   props = proposals.proposals_for(config.proposals, sample.stem, sample.image)
   r = config.rank
   masks, scores = proposals.select_instances(
-      to_image_size(maps, shape_hw), to_image_size(sal_SxS[None], shape_hw)[0], props,
+      data.resize_probs(maps, shape_hw, axis=0), data.resize_probs(sal_SxS[None], shape_hw, axis=0)[0], props,
       inside_weight=r.inside_weight, background_penalty=r.background_penalty, nms_iou=r.nms_iou,
       contour_width=r.contour_width, reference_area=r.reference_area)
   return masks, scores, props, len(peaks)
@@ -154,17 +128,15 @@ def detect_group(config, group, priors, net, group_dir):
   """
   quiet = config.output.quiet
   if config.baseline == 'saliency':
-    found = [saliency_components(p) for p in priors]
+    found = [baseline.saliency_components(p) for p in priors]
     return [m for m, _ in found], [s for _, s in found], [m for m, _ in found]
   size = config.data.image_size
   images = data.resize_batch([s.image for s in group.samples], size)
   small_priors = np.stack([data.resize_probs(p[..., None], (size, size))[..., 0] for p in priors])
   started = time.time()
-  loss = functools.partial(deepco3.deepco3_loss, model=net.model,
-                           weights=deepco3.LossWeights.from_config(config))
-  params, history = train.fit(
-      loss, net.params, net.frozen, {'image': images, 'prior': small_priors},
-      train.TrainConfig.from_config(config), ckpt_dir=os.path.join(group_dir, 'checkpoints'),
+  params, history = net.trainer.fit(
+      net.params, net.frozen, {'image': images, 'prior': small_priors},
+      ckpt_dir=os.path.join(group_dir, 'checkpoints'),
       log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=quiet, desc=f'train {group.name}')
   if history:
     log.info('%s: trained in %.0fs; last step %s', group.name, time.time() - started,
@@ -222,16 +194,23 @@ def format_table(summary):
   return '\n'.join(lines)
 
 
-def _group_paths(config, workdir):
-  if config.data.root is None:
-    path = demo.make_instance_demo(os.path.join(workdir, 'demo_data'), seed=config.seed)
-    log.info('data: built-in instance demo group at %s', path)
-    return [path]
-  return data.find_groups(config.data.root, config.data.groups)
-
-
-def _check_config(config):
-  """Everything that would otherwise fail only after a group has trained."""
+def check_config(config):
+  """Every field of the method's config, before anything is built or written (bin/run.py
+  calls it before touching the work directory); problems are one-line InputErrors."""
+  defaults.check_shared(config)
+  r = functools.partial(errors.check_range, config)
+  r('model.l2_eps', 0, above=True)
+  for field in ('copeak_weight', 'affinity_weight', 'saliency_weight'):
+    r(f'loss.{field}', 0)
+  r('loss.affinity_alpha', 0, above=True)
+  r('proposals.min_area', 0, 1)
+  r('proposals.max_area', config.proposals.min_area, 1, above=True)
+  r('rank.inside_weight', 0, 1)
+  r('rank.background_penalty', 0)
+  r('rank.nms_iou', 0, 1, above=True)
+  r('rank.contour_width', 1, integer=True)
+  r('rank.reference_area', 0)
+  r('rank.drop_percentile', 0, 100)
   errors.check_one_of('baseline', config.baseline, BASELINES)
   errors.check_one_of('saliency.prior', config.saliency.prior, saliency.PRIORS)
   errors.check_one_of('proposals.source', config.proposals.source, proposals.SOURCES)
@@ -248,11 +227,11 @@ def _check_config(config):
 
 
 def run(config, workdir):
-  _check_config(config)
+  check_config(config)
   min_images = 1 if config.baseline == 'saliency' else config.data.batch_size
   # Every group is read and validated before anything trains.
   groups = [data.load_group(path, need='none', min_images=min_images)
-            for path in _group_paths(config, workdir)]
+            for path in demo.group_paths(config, workdir)]
   net = None
   summary = {'method': 'DeepCO3', 'saliency_prior': config.saliency.prior, 'backbone': None,
              'proposals': config.proposals.source}
@@ -309,12 +288,13 @@ def _write_group(config, group, masks, scores, group_dir):
     if images:
       record['labels'] = os.path.join('instances', f'{sample.stem}.png')
       visualize.save_label_png(os.path.join(group_dir, record['labels']),
-                               instance_labels(m, sample.image.shape[:2]))
+                               visualize.instance_labels(m, sample.image.shape[:2]))
       pred = visualize.instance_overlay(sample.image, m, s)
       fileio.save_png(os.path.join(group_dir, 'overlays', f'{sample.stem}.png'), pred)
       truth = None
       if sample.instances is not None:
-        truth = visualize.overlay(sample.image, instance_labels(sample.instances, sample.image.shape[:2]))
+        truth = visualize.overlay(sample.image,
+                                  visualize.instance_labels(sample.instances, sample.image.shape[:2]))
       rows.append([sample.image, truth, pred])
     records.append(record)
   fileio.atomic_write_json(os.path.join(group_dir, 'detections.json'),

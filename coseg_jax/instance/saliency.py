@@ -17,26 +17,15 @@ by their range, other arrays as they are when inside [0, 1], otherwise min-max.
 """
 import os
 
-import h5py
 import numpy as np
-import scipy.io
-from PIL import Image
 from skimage import color
 from skimage import segmentation
 
-from coseg_jax import data
-from coseg_jax.errors import InputError
+from coseg_jax.core import data
+from coseg_jax.core.errors import InputError
 
 PRIORS = ('mbd', 'folder')
 _MAT_PREFERRED = 'SalMap'
-
-
-def resize_long_side(image_uint8, long_side):
-  """Resized (up or down, bilinear) so its longer side is `long_side`, aspect kept."""
-  h, w = image_uint8.shape[:2]
-  scale = long_side / max(h, w)
-  size = (max(1, round(w * scale)), max(1, round(h * scale)))
-  return np.asarray(Image.fromarray(image_uint8).resize(size, Image.BILINEAR))
 
 
 def superpixel_graph(labels_HxW):
@@ -75,7 +64,7 @@ def barrier_distance(values_N, edges_Ex2, seeds):
 def mbd_saliency(image_uint8, *, n_segments=300, compactness=10.0, work_size=320):
   """float32 HxW saliency in [0, 1] at the image's size (computed with the longer side at `work_size`)."""
   h, w = image_uint8.shape[:2]
-  small = resize_long_side(image_uint8, work_size)
+  small = data.resize_long_side(image_uint8, work_size)
   labels = segmentation.slic(small, n_segments=n_segments, compactness=compactness, start_label=0)
   labels = segmentation.relabel_sequential(labels)[0]
   n = labels.max() + 1
@@ -106,32 +95,8 @@ def _to_unit(arr, path):
   return arr.astype(np.float32)
 
 
-def _h5_value(f, dataset):
-  value = dataset[()]
-  if dataset.dtype == h5py.ref_dtype:  # a cell array: one reference per cell
-    cells = np.empty(value.shape, object)
-    for idx, ref in np.ndenumerate(value):
-      cells[idx] = np.asarray(f[ref][()]).T
-    return cells.T
-  return np.asarray(value).T
-
-
-def read_mat(path):
-  """Variables of a MATLAB file, v5 or v7.3 (HDF5), as numpy arrays in MATLAB's axis order.
-
-  Cell arrays come back as object arrays. Unreadable files raise InputError.
-  """
-  try:
-    if h5py.is_hdf5(path):
-      with h5py.File(path, 'r') as f:
-        return {k: _h5_value(f, v) for k, v in f.items() if isinstance(v, h5py.Dataset)}
-    return {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith('__')}
-  except Exception as e:  # scipy and h5py raise many types for broken files.
-    raise InputError(f'{path}: cannot read .mat file ({type(e).__name__}: {e})') from None
-
-
 def _read_mat_map(path):
-  arrays = {k: np.squeeze(v) for k, v in read_mat(path).items()}
+  arrays = {k: np.squeeze(v) for k, v in data.read_mat(path).items()}
   maps = {k: v for k, v in arrays.items() if v.ndim == 2 and v.dtype.kind in 'biuf'}
   if len(maps) > 1 and _MAT_PREFERRED in maps:
     maps = {_MAT_PREFERRED: maps[_MAT_PREFERRED]}
@@ -173,4 +138,4 @@ def saliency_prior(cfg_saliency, group):
   if cfg_saliency.prior == 'folder':
     return load_prior_folder(cfg_saliency.folder, [s.stem for s in group.samples],
                              [s.image.shape for s in group.samples])
-  raise InputError(f'config.saliency.prior: unknown prior {cfg_saliency.prior!r} ({" | ".join(PRIORS)})')
+  raise ValueError(f'unknown saliency prior {cfg_saliency.prior!r} ({" | ".join(PRIORS)})')

@@ -2,13 +2,15 @@
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 from scipy import ndimage
 
-from coseg_jax import fileio
+from coseg_jax.core import data
+from coseg_jax.core import fileio
 
 _BACKGROUND_GREY = (40, 40, 40)
-_IGNORE_LABEL = 255
 
 
 def palette(n) -> np.ndarray:
@@ -52,7 +54,7 @@ def overlay(image, labels, *, alpha=0.5, names=()) -> np.ndarray:
     if v == 0:
       continue
     _blend(out, labels == v, colours[v], alpha)
-    text = 'ignore' if v == _IGNORE_LABEL else str(v)
+    text = 'ignore' if v == data.IGNORE_LABEL else str(v)
     if v <= len(names):
       text = f'{v} {names[v - 1]}'
     entries.append((colours[v], text))
@@ -138,3 +140,11 @@ def _with_legend(image_float, entries):
                    outline=(255, 255, 255))
     draw.text((2 * pad + swatch, y), text, fill=(255, 255, 255), font=font)
   return np.asarray(im)
+
+
+def instance_labels(masks_by_rank, shape_hw):
+  """uint8 HxW map, instance i (0-based rank) -> i + 1; better ranks win overlaps."""
+  labels = np.zeros(shape_hw, np.uint8)
+  for i in reversed(range(len(masks_by_rank))):
+    labels[masks_by_rank[i]] = i + 1
+  return labels

@@ -7,10 +7,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from coseg_jax import weights
-from coseg_jax.attention import AttentionModule, AttentionSpec
+from coseg_jax.backbones import weights
+from coseg_jax.multiclass.attention import AttentionModule
+from coseg_jax.multiclass.attention import AttentionSpec
 
 # The deepest feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
 # thesis' FCN; EfficientNet-Lite0's 1280-d head (stride 32), whose semantics the

@@ -1,0 +1,1 @@
+"""Command-line entry points: bin/run.py (main), its flag parsing, and bin/sweep.py."""

@@ -1,0 +1,1 @@
+"""DeepCO3 instance co-segmentation by co-peak search (CVPR 2019)."""

@@ -1,0 +1,1 @@
+"""Multi-class object co-segmentation with self- and mutual attention (the thesis method)."""
