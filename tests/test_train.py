@@ -152,6 +152,20 @@ def test_dropped_sigterm_interrupt_still_stops_the_run():
     pass
 
 
+def test_dropped_sigterm_interrupt_stops_before_any_output_is_written(tmp_path):
+  # A run with no trainer (the clustering baseline) must not go on to write its results.
+  from coseg_jax.core import errors
+  from coseg_jax.core import fileio
+  out = tmp_path / 'metrics.json'
+  with pytest.raises(KeyboardInterrupt):
+    with errors.sigterm_as_interrupt():
+      _swallowed_sigterm()
+      fileio.atomic_write_json(str(out), {'J': 1.0})
+  assert not out.exists() and not list(tmp_path.iterdir())
+  fileio.atomic_write_json(str(out), {'J': 1.0})  # outside the block: written
+  assert out.exists()
+
+
 def test_sigterm_in_a_gc_callback_stops_the_run_without_a_traceback(monkeypatch):
   # JAX's gc callback is where a SIGTERM's KeyboardInterrupt was dropped, with Python
   # printing "Exception ignored in ..." and a traceback to stderr.

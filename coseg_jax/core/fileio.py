@@ -6,8 +6,13 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from coseg_jax.core import errors
+
 
 def atomic_write_bytes(path, data: bytes):
+  # A SIGTERM whose interrupt Python dropped (errors.sigterm_as_interrupt) must not let a
+  # stopped run go on to write results: every output goes through here.
+  errors.raise_if_interrupted()
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
