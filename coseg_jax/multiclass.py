@@ -91,7 +91,7 @@ def build_generator(config, encoder):
   tap = config.model.encoder_tap
   if tap == 'auto':
     tap = generator.ENCODER_TAPS[encoder.name]
-  elif tap not in encoder.tap_info():
+  elif any(t not in encoder.tap_info() for t in tap.split('+')):
     raise InputError(f'config.model.encoder_tap: {encoder.name} has no tap {tap!r} '
                      f'({", ".join(encoder.tap_info())})')
   spec = generator.GeneratorSpec(
