@@ -275,7 +275,7 @@ def run(config, workdir):
   _check_config(config)
   if config.num_classes is None and config.data.root is None:
     config = config.copy_and_resolve_references()
-    config.num_classes = 3  # the built-in demo's three classes
+    config.num_classes = 2  # the built-in demo group with two classes (the old default)
   # Every group is read and validated before anything trains: a bad file in the last
   # group must not cost the training of the first ones.
   groups = [data.load_group(path, num_classes=config.num_classes,
