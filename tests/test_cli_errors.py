@@ -120,7 +120,8 @@ def _mask_unknown_label(tmp):
   labels = np.zeros((32, 32))
   labels[:4, :4] = 7
   _png(bad, labels)
-  return g, {}, bad, 'unknown label(s) 7'
+  # K given: with num_classes unset it would come from classes.txt (test_background_rules.py).
+  return g, {'num_classes': 2}, bad, 'unknown label(s) 7'
 
 
 def _too_few_images(tmp):

@@ -53,6 +53,9 @@ def preprocess(x01_BxHxWx3, mode: str):
     return x01_BxHxWx3[..., ::-1] * 255.0 - _CAFFE_MEAN_BGR
   if mode == 'imagenet':
     return (x01_BxHxWx3 - _IMAGENET_MEAN) / _IMAGENET_STD
+  if mode == 'tflite':
+    # What the TF EfficientNet-Lite checkpoints were trained with: (x - 127) / 128 on 0..255.
+    return (x01_BxHxWx3 * 255.0 - 127.0) / 128.0
   raise ValueError(f'unknown preprocessing {mode!r}')
 
 

@@ -91,9 +91,12 @@ def multiclass():
   c.seed = 0
   # 'none': train the co-attention model. 'cluster': the training-free baseline of
   # SPEC §6(a) (k-means of the frozen extractor's dense features), scored the same way.
+  # 'center': a centred ellipse over 40% of each image labelled class 1 (no training, no
+  # features): the reference any co-segmentation should beat.
   c.baseline = 'none'
-  # Number of foreground classes K shared by the group.
-  c.num_classes = 2
+  # Number of foreground classes K shared by the group. Unset: each group's classes.txt
+  # (one name a line, or '<id> <name>' lines), so one run can score groups of different K.
+  c.num_classes = placeholder(int)
   c.data = _data(image_size=384, batch_size=3)
   c.weights = _weights()
 
@@ -107,6 +110,14 @@ def multiclass():
   # Encoder feature the attention and classifier work on: 'auto' (conv5_3 for vgg16, the
   # 1280-d head for efficientnet_lite0) or any tap of the encoder (e.g. stride16).
   c.model.encoder_tap = 'auto'
+  # Dense features the clustering baseline clusters, from the extractor; 'a+b' combines
+  # taps (each unit per pixel, resized to the finest grid). 'auto': stride16+stride32 for
+  # efficientnet_lite0, layer3+layer4 for resnet50 (BUILD.md, real photographs).
+  c.model.cluster_taps = 'auto'
+  # Input normalisation of EfficientNet-Lite0 (encoder and extractor): 'tflite'
+  # ((x - 127) / 128 on 0..255, what the TF-Lite checkpoints were trained with) or
+  # 'imagenet' (mean/std).
+  c.model.lite0_input = 'tflite'
   # 1x1 classifier initialisation: 'random' (lecun normal) or 'cluster' (k-means
   # centroids of the group's encoder features, border cluster as background; BUILD.md).
   c.model.classifier_init = 'cluster'
@@ -151,6 +162,13 @@ def multiclass():
   c.infer = config_dict.ConfigDict()
   # 'crf' (dense CRF, Tables 6-7) or 'argmax' (Eq. 9), both after Eq. 8 normalisation.
   c.infer.method = 'crf'
+  # Which label is background (BUILD.md, real photographs): 'consistency' (the label whose
+  # masked images, through f with the loss' pooling, agree least across the group: the
+  # criterion the loss encodes), 'channel' (the generator's channel 0 as trained, the
+  # thesis; the clustering baseline then uses 'consistency'), or 'border' (the label owning
+  # most image-border pixels; fails when stuff classes fill the border). The same rule
+  # orders the k-means classifier init and labels the clustering baseline.
+  c.infer.background = 'consistency'
   c.infer.crf = config_dict.ConfigDict()
   c.infer.crf.iterations = 5
   # Gaussian (smoothness) kernel: spatial std in pixels and weight.

@@ -7,7 +7,8 @@ Layouts understood by `find_groups` and `load_group`:
   (single channel: 0 background, 1..K classes, 255 ignore; palette PNGs are read as
   indices) and optional `instances/<stem>_<id>.png` (one binary mask per instance;
   any non-zero pixel is foreground). With `masks/`, every image needs its mask.
-  An optional `classes.txt` names classes 1..K, one per line (legends, metrics).
+  An optional `classes.txt` names classes 1..K, one per line, or as `<id> <name>` lines
+  (ids 0 and 255 ignored); with config.num_classes unset it also gives K.
 * Folder of groups: every non-hidden subfolder is a group folder.
 * PASCAL VOC root (`JPEGImages/`, optional `SegmentationClass/` and
   `SegmentationObject/`): each list file `ImageSets/Segmentation/<name>.txt` is one
@@ -26,6 +27,7 @@ composited over white; 16-bit images are scaled to 8 bits.
 """
 import dataclasses
 import os
+import re
 
 import h5py
 import numpy as np
@@ -324,9 +326,31 @@ def _class_names(path):
     return ()
   try:
     with open(names_path, encoding='utf-8') as f:
-      return tuple(line.strip() for line in f if line.strip())
+      lines = [line.strip() for line in f if line.strip()]
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f'{names_path}: unreadable ({e})') from None
+  return parse_class_names(lines, names_path)
+
+
+def parse_class_names(lines, where='classes.txt'):
+  """Names of classes 1..K from classes.txt lines: one name a line (class 1 first), or
+  '<id> <name>' lines in any order, where id 0 (background) and 255 (void) are ignored and
+  the other ids must be 1..K."""
+  lines = [line.strip() for line in lines if line.strip()]
+  numbered = [re.fullmatch(r'(\d+)\s+(.+)', line) for line in lines]
+  if not lines or not all(numbered):
+    return tuple(lines)
+  by_id = {}
+  for m in numbered:
+    i = int(m.group(1))
+    if i in (0, IGNORE_LABEL):
+      continue
+    if i in by_id:
+      raise InputError(f'{where}: class id {i} named twice')
+    by_id[i] = m.group(2).strip()
+  if sorted(by_id) != list(range(1, len(by_id) + 1)):
+    raise InputError(f'{where}: class ids must be 1..K, got {sorted(by_id)}')
+  return tuple(by_id[i] for i in range(1, len(by_id) + 1))
 
 
 def _voc_list_files(root):

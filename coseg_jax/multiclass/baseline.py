@@ -1,12 +1,14 @@
 """Training-free clustering baseline (SPEC §6a).
 
 k-means of the frozen extractor's dense features into K+1 clusters over the whole group.
-Cluster ids are arbitrary; like the method's channels, they go through
-`infer.background_by_border` before scoring, so both name their background the same way.
+Cluster ids are arbitrary; like the method's channels, they go through the group's
+background rule (`infer.background`) before scoring, so both name their background the
+same way. `center_prior` is the reference that knows nothing about the group.
 """
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy.cluster import vq
 
@@ -54,19 +56,58 @@ def soft_maps(labels_hxw, num_labels, out_hw):
   return data.resize_probs(one_hot_hxwxL, out_hw)
 
 
+def multiscale(taps_BxhxwxC):
+  """Per-pixel unit features of every tap, resized (bilinear) to the finest tap's grid and
+  concatenated, so that each tap weighs the same whatever its width or magnitude."""
+  h, w = max(t.shape[1] for t in taps_BxhxwxC), max(t.shape[2] for t in taps_BxhxwxC)
+  parts = []
+  for t in taps_BxhxwxC:
+    t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+    parts.append(jax.image.resize(t, (t.shape[0], h, w, t.shape[3]), method='bilinear'))
+  return jnp.concatenate(parts, axis=-1)
+
+
+def split_taps(taps):
+  """'stride16+stride32' or a sequence -> tuple of tap names."""
+  return tuple(taps.split('+')) if isinstance(taps, str) else tuple(taps)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _dense_features(backbone, tap, variables, x_BxSxSx3):
+def _dense_features(backbone, taps, variables, x_BxSxSx3):
   # Module-level and keyed by the (hashable) backbone: compiled once per run, not per group.
-  return backbone.apply(variables, x_BxSxSx3, taps=(tap,))[tap]
+  out = backbone.apply(variables, x_BxSxSx3, taps=taps)
+  return multiscale([out[t] for t in taps]) if len(taps) > 1 else out[taps[0]]
+
+
+def cluster_labels(backbone, variables, images_NxSxSx3, num_classes, seed, taps):
+  """k-means (K+1 clusters) of the group's dense features: one hxw map per image, at the
+  finest tap's grid. Several taps (`'stride16+stride32'`) are combined by `multiscale`."""
+  taps = split_taps(taps)
+  feats = [np.asarray(_dense_features(backbone, taps, variables, image[None]))[0]
+           for image in images_NxSxSx3]
+  return cluster_group(feats, num_classes + 1, seed)
 
 
 def cluster_baseline(backbone, variables, images_NxSxSx3, out_shapes, num_classes, seed, tap):
   """The §6a baseline for one group: HxWx(K+1) soft maps at each image's original size.
 
   `images_NxSxSx3` is the network input the method itself sees (data.resize_batch);
-  `backbone.apply(variables, x01_BxSxSx3, taps=(tap,))[tap]` gives the dense features.
+  `backbone.apply(variables, x01_BxSxSx3, taps=(tap,))[tap]` gives the dense features
+  (`tap` may name several, `'stride16+stride32'`: see `cluster_labels`).
   """
-  feats = [np.asarray(_dense_features(backbone, tap, variables, image[None]))[0]
-           for image in images_NxSxSx3]
-  labels = cluster_group(feats, num_classes + 1, seed)
+  labels = cluster_labels(backbone, variables, images_NxSxSx3, num_classes, seed, tap)
   return [soft_maps(l, num_classes + 1, hw) for l, hw in zip(labels, out_shapes)]
+
+
+# The centre prior covers this fraction of the image with a centred ellipse.
+CENTER_AREA = 0.4
+
+
+def center_prior(shape_hw, area=CENTER_AREA):
+  """uint8 HxW: 1 inside the centred ellipse (same aspect as the image) of `area` of the
+  image, 0 outside. The reference every co-segmentation should beat."""
+  h, w = shape_hw
+  r = np.sqrt(area / np.pi)  # pi * (r W) * (r H) = area * W * H
+  yy = (np.arange(h) + 0.5 - h / 2) / (r * h)
+  xx = (np.arange(w) + 0.5 - w / 2) / (r * w)
+  return ((yy[:, None] ** 2 + xx[None, :] ** 2) <= 1.0).astype(np.uint8)

@@ -11,10 +11,11 @@ import jax
 from coseg_jax.backbones import weights
 from coseg_jax.multiclass.attention import AttentionModule
 from coseg_jax.multiclass.attention import AttentionSpec
+from coseg_jax.multiclass.baseline import multiscale
 
 # The deepest feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
 # thesis' FCN; EfficientNet-Lite0's 1280-d head (stride 32), whose semantics the
-# stride-16 blocks lack (BUILD.md).
+# stride-16 blocks lack (BUILD.md). 'a+b' names a multi-scale feature (`baselines.multiscale`).
 ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'head'}
 
 
@@ -31,8 +32,12 @@ class Generator(nn.Module):
   encoder: nn.Module               # a backbones.* module; its params live under 'encoder'
 
   def features(self, x01_BxHxWx3):
-    """The encoder feature the attention module and classifier work on."""
-    return self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))[self.spec.tap]
+    """The encoder feature the attention module and classifier work on; a tap 'a+b'
+    combines several (each unit per pixel, resized to the finest grid, concatenated)."""
+    taps = self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))
+    if '+' not in self.spec.tap:
+      return taps[self.spec.tap]
+    return multiscale([taps[t] for t in self.spec.tap.split('+')])
 
   @nn.compact
   def __call__(self, x01_BxHxWx3):

@@ -35,10 +35,16 @@ EXTRACTOR_TAPS = {'resnet50': 'layer4', 'efficientnet_lite0': 'head'}
 def maps_loss(extractor, loss_cfg, frozen, x_BxHxWx3, maps_BxHxWxK1):
   """Co-attention loss of co-attention maps: the B*(K+1) masked images (Eq. 1) go
   through the frozen f as one batch."""
-  b, h, w, k1 = maps_BxHxWxK1.shape
   masks_BxHxWxK1 = maps_BxHxWxK1
   if loss_cfg.normalize_maps:
     masks_BxHxWxK1 = maps_BxHxWxK1 / (maps_BxHxWxK1.max(axis=(1, 2), keepdims=True) + 1e-6)
+  return losses.coattention_loss(masked_vectors(extractor, loss_cfg, frozen, x_BxHxWx3,
+                                                masks_BxHxWxK1))
+
+
+def masked_vectors(extractor, loss_cfg, frozen, x_BxHxWx3, masks_BxHxWxK1):
+  """f(I_b ⊙ M_b^l), pooled and normalised as in the loss: BxK1xD."""
+  b, h, w, k1 = masks_BxHxWxK1.shape
   masks_NxHxW = jnp.moveaxis(masks_BxHxWxK1, -1, 1).reshape(b * k1, h, w)
   masked_NxHxWx3 = jnp.repeat(x_BxHxWx3, k1, axis=0) * masks_NxHxW[..., None]
   tap = EXTRACTOR_TAPS[extractor.name]
@@ -46,7 +52,43 @@ def maps_loss(extractor, loss_cfg, frozen, x_BxHxWx3, maps_BxHxWxK1):
   pooled_NxD = losses.normalize_features(
       losses.pool_features(feat_NxhxwxD, masks_NxHxW, loss_cfg.pooling),
       loss_cfg.feature_norm, loss_cfg.feature_scale)
-  return losses.coattention_loss(pooled_NxD.reshape(b, k1, -1))
+  return pooled_NxD.reshape(b, k1, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Background:
+  """The group's background rule (`infer.background`), with its jitted masked-image
+  vectors built once per run."""
+  rule: str
+  vectors: Callable  # (frozen, x_1xSxSx3, masks_1xSxSxL) -> 1xLxD, as the loss sees them
+  frozen: dict  # the extractor's variables
+
+  @classmethod
+  def build(cls, config, extractor, extractor_vars):
+    return cls(config.infer.background,
+               jax.jit(functools.partial(masked_vectors, extractor, config.loss)), extractor_vars)
+
+  def label(self, images_NxSxSx3, labels_list, num_labels, rule=None):
+    """The label the rule names.
+
+    'consistency': each label of each image masks its image (Eq. 1 with the one-hot map),
+    f and the loss' pooling give one vector per label and image, and the label whose
+    vectors agree least across the group is background (`postprocess.least_consistent_label`).
+    Labels may be at any size; they are resized (nearest) to the network input.
+    """
+    rule = rule or self.rule
+    if rule == 'border':
+      return postprocess.border_label(labels_list, num_labels)
+    if rule == 'channel':
+      return 0
+    size = images_NxSxSx3.shape[1]
+    vectors, present = [], []
+    for image, labels in zip(images_NxSxSx3, labels_list):
+      lab = data.resize_labels(np.asarray(labels, np.uint8), (size, size))
+      one_hot_1xSxSxL = np.eye(num_labels, dtype=np.float32)[lab][None]
+      vectors.append(np.asarray(self.vectors(self.frozen, image[None], one_hot_1xSxSxL))[0])
+      present.append(one_hot_1xSxSxL[0].sum(axis=(0, 1)) > 0)
+    return postprocess.least_consistent_label(np.stack(vectors), np.stack(present))
 
 
 def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
@@ -62,7 +104,7 @@ def build_generator(config, encoder, num_classes):
   tap = config.model.encoder_tap
   if tap == 'auto':
     tap = generator.ENCODER_TAPS[encoder.name]
-  elif tap not in encoder.tap_info():
+  elif any(t not in encoder.tap_info() for t in tap.split('+')):
     raise InputError(f'config.model.encoder_tap: {encoder.name} has no tap {tap!r} '
                      f'({", ".join(encoder.tap_info())})')
   spec = generator.GeneratorSpec(
@@ -107,17 +149,22 @@ class Model:
                               train.TrainConfig.from_config(config)))
 
 
-def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperature=10.0):
+def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperature=10.0,
+                 background=None):
   """The classifier initialised from k-means of the group's encoder features (BUILD.md).
 
   logits_k = temperature * <f, c_k> / mean|f| for unit centroids c_k is a soft
-  nearest-centroid rule; the cluster owning most image border becomes channel 0.
-  `features(params, x_BxSxSx3)` is the generator's encoder output (`Model.features`).
+  nearest-centroid rule; the cluster that `background(label maps)` names becomes channel 0
+  (default: the cluster owning most image border). `features(params, x_BxSxSx3)` is the
+  generator's encoder output (`Model.features`).
   """
   feats = [np.asarray(features(params, x[None]))[0] for x in images_NxSxSx3]
   centers_K1xC, labels = baseline.kmeans_group(feats, num_classes + 1, seed)
   order = np.arange(num_classes + 1)
-  bg = postprocess.border_label(labels, num_classes + 1)
+  if background is None:
+    bg = postprocess.border_label(labels, num_classes + 1)
+  else:
+    bg = background(labels)
   order[[0, bg]] = order[[bg, 0]]
   mean_norm = np.mean([np.linalg.norm(f, axis=-1).mean() for f in feats])
   kernel_CxK1 = (temperature / mean_norm) * centers_K1xC[order].T
@@ -141,12 +188,15 @@ def group_maps(config, model, params, images, group):
   return [data.resize_probs(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
 
 
-def label_group(config, group, maps):
-  """Eq. 8 + argmax or CRF per image, then label 0 = the group's background."""
+def label_group(config, group, maps, background=None):
+  """Eq. 8 + argmax or CRF per image, then label 0 = the group's background: the label
+  `background(label maps)` names (default: the border rule)."""
   pairs = progress.bar(zip(group.samples, maps), total=len(maps), desc=f'infer {group.name}',
                        quiet=config.output.quiet)
-  return postprocess.background_by_border(
-      [postprocess.labels_from_maps(s.image, m, config.infer) for s, m in pairs], config.num_classes + 1)
+  labels = [postprocess.labels_from_maps(s.image, m, config.infer) for s, m in pairs]
+  k1 = config.num_classes + 1
+  bg = postprocess.border_label(labels, k1) if background is None else background(labels)
+  return postprocess.swap_to_background(labels, bg, k1)
 
 
 def score(config, group, labels):
@@ -157,20 +207,45 @@ def score(config, group, labels):
                              fixed_background=True, names=[s.stem for s in group.samples])
 
 
-def segment_group(config, group, model, extractor, extractor_vars, group_dir):
+def segment_group(config, group, model, extractor, extractor_vars, background, group_dir):
   """Soft maps (HxWx(K+1), original size) for every image of `group`; `model` is the
-  run's `Model` (None for the baseline)."""
+  run's `Model` of the group's K (None for the baselines), `background` its `Background`."""
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+  if config.baseline == 'center':
+    k1 = config.num_classes + 1
+    return [np.eye(k1, dtype=np.float32)[baseline.center_prior(s.image.shape[:2])]
+            for s in group.samples]
   if config.baseline == 'cluster':
     return baseline.cluster_baseline(
         extractor, extractor_vars, images, [s.image.shape[:2] for s in group.samples],
-        config.num_classes, config.seed, tap=EXTRACTOR_TAPS[extractor.name])
+        config.num_classes, config.seed, tap=cluster_taps(config, extractor))
   params = model.params
   if config.model.classifier_init == 'cluster':
-    params = cluster_init(model.features, params, images, config.num_classes, config.seed)
+    # The init names its background channel by the group's rule; 'channel' has no channel
+    # to read yet, so it starts from the consistency rule.
+    rule = 'border' if config.infer.background == 'border' else 'consistency'
+    params = cluster_init(model.features, params, images, config.num_classes, config.seed,
+                          background=lambda labels: background.label(
+                              images, labels, config.num_classes + 1, rule=rule))
   params = train_generator(config, model, params, images, extractor_vars, group_dir,
                            desc=f'train {group.name}')
   return group_maps(config, model, params, images, group)
+
+
+# Dense taps of the clustering baseline per extractor ('auto'): one stride-16 and one
+# stride-32 feature (BUILD.md, real photographs).
+CLUSTER_TAPS = {'efficientnet_lite0': 'stride16+stride32', 'resnet50': 'layer3+layer4'}
+
+
+def cluster_taps(config, extractor):
+  taps = config.model.cluster_taps
+  if taps == 'auto':
+    taps = CLUSTER_TAPS[extractor.name]
+  unknown = [t for t in baseline.split_taps(taps) if t not in extractor.tap_info()]
+  if unknown:
+    raise InputError(f'config.model.cluster_taps: {extractor.name} has no tap {unknown[0]!r} '
+                     f'({", ".join(extractor.tap_info())})')
+  return taps
 
 
 def check_config(config):
@@ -178,7 +253,8 @@ def check_config(config):
   calls it before touching the work directory); problems are one-line InputErrors."""
   defaults.check_shared(config)
   r = functools.partial(errors.check_range, config)
-  r('num_classes', 1, integer=True)
+  if config.num_classes is not None:  # unset: each group's classes.txt gives K
+    r('num_classes', 1, integer=True)
   r('model.attention_reduction', 1, integer=True)
   r('model.mutual_scale_power')
   r('loss.feature_scale', 0, above=True)
@@ -187,7 +263,9 @@ def check_config(config):
     r(f'infer.crf.{field}', 0, above=True)  # a zero std makes the CRF divide by zero
   for field in ('gaussian_compat', 'bilateral_compat'):
     r(f'infer.crf.{field}', 0)
-  errors.check_one_of('baseline', config.baseline, ('none', 'cluster'))
+  errors.check_one_of('baseline', config.baseline, ('none', 'cluster', 'center'))
+  errors.check_one_of('infer.background', config.infer.background, postprocess.BACKGROUND_RULES)
+  errors.check_one_of('model.lite0_input', config.model.lite0_input, ('tflite', 'imagenet'))
   errors.check_one_of('model.attention', config.model.attention, attention.MODES)
   errors.check_one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
   errors.check_one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
@@ -199,34 +277,78 @@ def check_config(config):
                      f'per mini-batch, got {config.data.batch_size}')
 
 
+def group_num_classes(config, group):
+  """K of one group: config.num_classes, or (unset) the number of classes its classes.txt
+  names."""
+  if config.num_classes is not None:
+    return config.num_classes
+  if not group.class_names:
+    raise InputError(f'{group.path}: config.num_classes is unset and the group has no '
+                     f'classes.txt naming its classes (set --config.num_classes=K)')
+  return len(group.class_names)
+
+
+def _lite0_input(config, backbone):
+  if backbone.name != 'efficientnet_lite0':
+    return backbone
+  return dataclasses.replace(backbone, preprocessing=config.model.lite0_input)
+
+
 def run(config, workdir):
   check_config(config)
-  k = config.num_classes
+  if config.num_classes is None and config.data.root is None:
+    config = config.copy_and_resolve_references()
+    config.num_classes = 2  # the built-in demo group with two classes (the old default)
   # Every group is read and validated before anything trains: a bad file in the last
   # group must not cost the training of the first ones.
-  groups = [data.load_group(path, num_classes=k, min_images=config.data.batch_size)
+  groups = [data.load_group(path, num_classes=config.num_classes,
+                            min_images=config.data.batch_size)
             for path in demo.group_paths(config, workdir)]
+  group_k = {}
+  for group in groups:
+    group_k[group.name] = group_num_classes(config, group)
+    if config.num_classes is None:  # the masks were not checked against K yet
+      data.load_group(group.path, num_classes=group_k[group.name],
+                      min_images=config.data.batch_size)
+  ks = sorted(set(group_k.values()))
+  k = ks[0] if len(ks) == 1 else group_k
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
       weights.resolve_name(config.model.encoder, 'encoder', config.weights), config.weights)
+  extractor, encoder = _lite0_input(config, extractor), _lite0_input(config, encoder)
   backbones_used = {'encoder': {'name': encoder.name, 'weights': encoder.source},
                     'extractor': {'name': extractor.name, 'weights': extractor.source}}
   log.info('encoder: %s <- %s', encoder.name, encoder.source)
   log.info('extractor: %s <- %s', extractor.name, extractor.source)
-  method = 'clustering baseline' if config.baseline == 'cluster' else f'co-attention ({config.model.attention})'
+  method = {'cluster': 'clustering baseline', 'center': 'centre prior'}.get(
+      config.baseline, f'co-attention ({config.model.attention})')
 
-  model = None
-  if config.baseline == 'none':
-    model = Model.build(config, k, encoder, encoder_vars, extractor)
+  models = {}  # one Model per K in the dataset, built before its first group
+
+  def model_for(num_classes):
+    if config.baseline != 'none':
+      return None
+    if num_classes not in models:
+      models[num_classes] = Model.build(config, num_classes, encoder, encoder_vars, extractor)
+    return models[num_classes]
+
+  background = Background.build(config, extractor, extractor_vars)
   results = {}
   for group in groups:
     group_dir = os.path.join(workdir, group.name)
-    log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
-             method, config.infer.method)
-    maps = segment_group(config, group, model, extractor, extractor_vars, group_dir)
-    labels = label_group(config, group, maps)
-    scores = score(config, group, labels)
+    gconfig = config
+    if config.num_classes != group_k[group.name]:
+      gconfig = config.copy_and_resolve_references()
+      gconfig.num_classes = group_k[group.name]
+    log.info('group %s: %d images, %d classes, method %s, inference %s, background %s',
+             group.name, len(group.samples), gconfig.num_classes, method,
+             config.infer.method, config.infer.background)
+    maps = segment_group(gconfig, group, model_for(gconfig.num_classes), extractor,
+                         extractor_vars, background, group_dir)
+    labels = label_group(gconfig, group, maps,
+                         background=_background_rule(gconfig, group, background))
+    scores = score(gconfig, group, labels)
     if scores is not None:
       results[group.name] = scores
     if config.output.images:
@@ -243,6 +365,19 @@ def run(config, workdir):
   return summary
 
 
+def _background_rule(config, group, background):
+  """labels -> background label, by `infer.background`; the centre prior is labelled
+  already, and a clustering baseline has no trained channel 0 to keep ('channel' then
+  uses 'consistency')."""
+  if config.baseline == 'center':
+    return lambda labels: 0
+  rule = config.infer.background
+  if rule == 'channel' and config.baseline == 'cluster':
+    rule = 'consistency'
+  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+  return lambda labels: background.label(images, labels, config.num_classes + 1, rule=rule)
+
+
 def _write_group_images(group, labels, scores, group_dir):
   """Label PNGs with the predicted ids, overlays, and one contact sheet per group.
 
@@ -252,12 +387,18 @@ def _write_group_images(group, labels, scores, group_dir):
     mapping = np.asarray(scores['mapping'], np.uint8)
     labels = [mapping[l] for l in labels]
   names = group.class_names
+  # The ground-truth column only where the group has masks.
+  has_truth = any(s.mask is not None for s in group.samples)
   rows = []
   for s, lab in zip(group.samples, labels):
     visualize.save_label_png(os.path.join(group_dir, 'labels', f'{s.stem}.png'), lab)
     over = visualize.overlay(s.image, lab, names=names)
     fileio.save_png(os.path.join(group_dir, 'overlays', f'{s.stem}.png'), over)
-    truth = None if s.mask is None else visualize.overlay(s.image, s.mask, names=names)
-    rows.append([s.image, truth, over])
+    if has_truth:
+      truth = None if s.mask is None else visualize.overlay(s.image, s.mask, names=names)
+      rows.append([s.image, truth, over])
+    else:
+      rows.append([s.image, over])
+  titles = ('input', 'ground truth', 'prediction') if has_truth else ('input', 'prediction')
   fileio.save_png(os.path.join(group_dir, 'contact_sheet.png'), visualize.contact_sheet(
-      rows, titles=('input', 'ground truth', 'prediction'), row_names=[s.stem for s in group.samples]))
+      rows, titles=titles, row_names=[s.stem for s in group.samples]))

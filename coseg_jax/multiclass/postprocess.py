@@ -69,6 +69,43 @@ def border_label(labels_list, num_labels):
   return int(np.argmax(counts))
 
 
+def least_consistent_label(vectors_NxLxD, present_NxL):
+  """The label whose per-image vectors agree least across the group (lowest mean cosine
+  similarity over the pairs of images where it is present).
+
+  With f and the pooling of the co-attention loss, this is the criterion the loss encodes:
+  classes 1..K are pulled together across images (d+), the background has no such term.
+  Labels present in fewer than two images cannot be compared and are never chosen, unless
+  no label can be compared (then label 0).
+  """
+  v = np.asarray(vectors_NxLxD, np.float64)
+  v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  present = np.asarray(present_NxL, bool)
+  n, num_labels = present.shape
+  consistency = np.full(num_labels, np.inf)
+  off = ~np.eye(n, dtype=bool)
+  for l in range(num_labels):
+    pairs = off & present[:, l][:, None] & present[:, l][None, :]
+    if pairs.any():
+      consistency[l] = (v[:, l] @ v[:, l].T)[pairs].mean()
+  if not np.isfinite(consistency).any():
+    return 0
+  return int(np.argmin(consistency))
+
+
+def swap_to_background(labels_list, bg, num_labels):
+  """Relabels a group so that label `bg` becomes 0 (and 0 becomes `bg`)."""
+  swap = np.arange(num_labels, dtype=np.uint8)
+  swap[[0, bg]] = swap[[bg, 0]]
+  return [swap[labels] for labels in labels_list]
+
+
+# Rules for which label is background (`infer.background`, BUILD.md): 'consistency' (the
+# label least consistent across the group under the loss' f and pooling), 'channel' (the
+# generator's channel 0 as trained, the thesis), 'border' (the label owning most border).
+BACKGROUND_RULES = ('consistency', 'channel', 'border')
+
+
 def background_by_border(labels_list, num_labels):
   """Relabels a group so that label 0 is its `border_label`.
 
@@ -77,7 +114,4 @@ def background_by_border(labels_list, num_labels):
   no background at all. Objects rarely fill the frame, so the label that owns most
   border pixels over the whole group is taken as background, without ground truth.
   """
-  bg = border_label(labels_list, num_labels)
-  swap = np.arange(num_labels, dtype=np.uint8)
-  swap[[0, bg]] = swap[[bg, 0]]
-  return [swap[labels] for labels in labels_list]
+  return swap_to_background(labels_list, border_label(labels_list, num_labels), num_labels)

@@ -1,0 +1,127 @@
+"""Issue 16: the background rule, the centre prior, multi-scale features, K from classes.txt."""
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coseg_jax.core import config as defaults
+from coseg_jax.core import data
+from coseg_jax.core.errors import InputError
+from coseg_jax.multiclass import baseline
+from coseg_jax.multiclass import pipeline as multiclass
+from coseg_jax.multiclass import postprocess
+
+
+def _pixel_extractor():
+  """A stand-in for f whose dense feature is the (preprocessed) pixel itself: masked pooling
+  then gives the mean colour of a region."""
+  return types.SimpleNamespace(name='efficientnet_lite0',
+                               apply=lambda v, x, taps: {t: x + 0.05 for t in taps})
+
+
+def _stuff_group(n=6, size=32, seed=0):
+  """Grass (green, textured) owns the lower half and the whole border; a cow-red object sits
+  in the middle; the upper strip inside the border is background of a different random
+  colour per image. GT: 0 background, 1 grass, 2 object."""
+  rng = np.random.default_rng(seed)
+  images, labels = [], []
+  for _ in range(n):
+    lab = np.ones((size, size), np.uint8)
+    lab[3:size // 2, 3:-3] = 0
+    lab[size // 3:2 * size // 3, size // 3:2 * size // 3] = 2
+    colours = {0: rng.uniform(0.0, 1.0, 3), 1: np.array([0.2, 0.7, 0.2]),
+               2: np.array([0.7, 0.25, 0.2])}
+    img = np.stack([colours[int(l)] for l in lab.ravel()]).reshape(size, size, 3)
+    img = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1).astype(np.float32)
+    images.append(img)
+    labels.append(lab)
+  return np.stack(images), labels
+
+
+def test_consistency_rule_keeps_a_stuff_class_that_owns_the_border():
+  images, labels = _stuff_group()
+  config = defaults.multiclass()
+  config.num_classes = 2
+  config.data.image_size = images.shape[1]
+  assert config.infer.background == 'consistency'   # the default
+  # The border rule calls grass (label 1) background ...
+  assert postprocess.border_label(labels, 3) == 1
+  # ... the default rule finds the label that is not common to the group.
+  background = multiclass.Background.build(config, _pixel_extractor(), {})
+  bg = background.label(images, labels, 3)
+  assert bg == 0
+  # Any permutation of the labels: the rule follows the content, not the id.
+  perm = np.array([2, 0, 1], np.uint8)
+  assert background.label(images, [perm[l] for l in labels], 3) == 2
+  assert background.label(images, labels, 3, rule='border') == 1
+
+
+def test_least_consistent_label_ignores_labels_seen_once():
+  rng = np.random.default_rng(0)
+  v = np.stack([np.eye(3)[[0, 1, 2]] + 0.01 * rng.normal(size=(3, 3)) for _ in range(4)])
+  v[:, 2] = rng.normal(size=(4, 3))          # label 2 varies: background
+  present = np.ones((4, 3), bool)
+  assert postprocess.least_consistent_label(v, present) == 2
+  present[1:, 2] = False                     # seen in one image only: not comparable
+  v[:, 1] = rng.normal(size=(4, 3))
+  assert postprocess.least_consistent_label(v, present) == 1
+
+
+def test_swap_to_background():
+  labels = [np.array([[0, 1, 2]], np.uint8)]
+  np.testing.assert_array_equal(postprocess.swap_to_background(labels, 2, 3)[0], [[2, 1, 0]])
+
+
+def test_center_prior_covers_forty_percent_in_the_middle():
+  m = baseline.center_prior((120, 200))
+  assert abs(m.mean() - 0.4) < 0.01
+  assert m[60, 100] == 1 and m[0].sum() == 0 and m[:, 0].sum() == 0
+
+
+def test_multiscale_features_are_unit_per_tap_on_the_finest_grid():
+  a = jnp.ones((1, 4, 4, 3)) * 5.0
+  b = jnp.arange(2 * 2 * 2, dtype=jnp.float32).reshape(1, 2, 2, 2) + 1.0
+  out = baseline.multiscale([a, b])
+  assert out.shape == (1, 4, 4, 5)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out[..., :3]), axis=-1), 1.0, rtol=1e-6)
+
+
+def test_classes_txt_in_both_formats():
+  assert data.parse_class_names(['tree', 'sky', '', 'grass']) == ('tree', 'sky', 'grass')
+  assert data.parse_class_names(['0 background', '2 sky', '1 tree', '255 void']) == ('tree', 'sky')
+  assert data.parse_class_names(['1 potted plant']) == ('potted plant',)
+  with pytest.raises(InputError, match='1..K'):
+    data.parse_class_names(['1 tree', '3 sky'])
+  with pytest.raises(InputError, match='twice'):
+    data.parse_class_names(['1 tree', '1 sky'])
+
+
+def _group_dir(tmp_path, name, classes_lines, k):
+  from PIL import Image
+  g = tmp_path / name
+  (g / 'images').mkdir(parents=True)
+  (g / 'masks').mkdir()
+  for i in range(2):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(g / 'images' / f'im{i}.png')
+    Image.fromarray((np.arange(64).reshape(8, 8) % (k + 1)).astype(np.uint8)).save(
+        g / 'masks' / f'im{i}.png')
+  if classes_lines is not None:
+    (g / 'classes.txt').write_text('\n'.join(classes_lines) + '\n')
+  return str(g)
+
+
+def test_num_classes_from_classes_txt(tmp_path):
+  config = defaults.multiclass()
+  assert config.num_classes is None        # unset by default: read from each group
+  two = data.load_group(_group_dir(tmp_path, 'a', ['building', 'sky'], 2))
+  three = data.load_group(_group_dir(tmp_path, 'b', ['0 background', '1 car', '2 road',
+                                                     '3 building', '255 void'], 3))
+  assert multiclass.group_num_classes(config, two) == 2
+  assert multiclass.group_num_classes(config, three) == 3
+  assert three.class_names == ('car', 'road', 'building')
+  none = data.load_group(_group_dir(tmp_path, 'c', None, 1))
+  with pytest.raises(InputError, match='classes.txt'):
+    multiclass.group_num_classes(config, none)
+  config.num_classes = 4                   # an explicit K wins
+  assert multiclass.group_num_classes(config, none) == 4
