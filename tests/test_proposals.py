@@ -192,3 +192,39 @@ def test_select_instances_merges_peaks_on_one_proposal():
   assert len(masks) == 1 and np.array_equal(masks[0], p[0])
   masks, scores = proposals.select_instances(o, np.ones((6, 6)), p[:0])  # no proposals
   assert masks.shape == (0, 6, 6) and len(scores) == 0
+
+
+def test_generate_recovers_a_non_convex_object():
+  # A C-shaped (non-convex) object on textured clutter: its bounding box is mostly
+  # background, so a box-shaped or convex candidate cannot reach IoU 0.8.
+  rng = np.random.default_rng(1)
+  h, w = 96, 96
+  image = rng.integers(70, 130, size=(h, w, 3), dtype=np.uint8)
+  yy, xx = np.mgrid[:h, :w]
+  ring = ((yy - 48) ** 2 + (xx - 48) ** 2 < 34 ** 2) & ((yy - 48) ** 2 + (xx - 48) ** 2 > 20 ** 2)
+  c_shape = ring & ~((np.abs(yy - 48) < 10) & (xx > 48))
+  image[c_shape] = (210, 60, 50)
+  masks = proposals.generate(image, work_size=96, max_count=300)
+  best = proposals.best_overlaps(masks, [c_shape])[0]
+  assert best > 0.8
+  hull_fill = c_shape.sum() / ((yy - 48) ** 2 + (xx - 48) ** 2 < 34 ** 2).sum()
+  assert hull_fill < 0.6  # the object really is far from convex
+
+
+def test_rank_proposals_picks_the_proposal_under_a_known_prm_map():
+  # Two instances; each peak's response map is a blob on one of them. Every candidate
+  # (each instance, both together, halves, the background) is offered: each peak must
+  # take exactly its own instance, and the pair proposal must lose to both.
+  h, w = 40, 60
+  yy, xx = np.mgrid[:h, :w]
+  left = (np.abs(yy - 20) < 12) & (np.abs(xx - 15) < 6)
+  right = (np.abs(yy - 20) < 12) & (np.abs(xx - 45) < 6)
+  sal = np.where(left | right, 0.9, 0.1)
+  prm = np.stack([np.exp(-((yy - 18) ** 2 + (xx - 15) ** 2) / 30.0),
+                  np.exp(-((yy - 22) ** 2 + (xx - 45) ** 2) / 30.0)])
+  cands = np.stack([left | right, left, right, left & (yy < 20), right & (yy >= 20),
+                    ~(left | right), np.ones((h, w), bool)])
+  best, _ = proposals.rank_proposals(prm, sal, cands, reference_area=h * w, contour_width=3)
+  assert best.tolist() == [1, 2]
+  masks, _ = proposals.select_instances(prm, sal, cands, reference_area=h * w, contour_width=3)
+  assert len(masks) == 2 and {m.sum() for m in masks} == {left.sum()}

@@ -93,3 +93,53 @@ def test_saliency_prior_dispatch(tmp_path):
   np.testing.assert_allclose(sal, 128 / 255, atol=1e-6)
   with pytest.raises(ValueError, match='svfsal'):  # check_config names the field first
     saliency.saliency_prior(types.SimpleNamespace(prior='svfsal', folder=None), group)
+  # 'ddt_mbd' asks for the group's descriptors.
+  feats = lambda images: [np.ones((5, 6, 4), np.float32) * np.arange(4) + (im[::8, ::8, :1] > 128)
+                          for im in images]
+  (sal,) = saliency.saliency_prior(types.SimpleNamespace(prior='ddt_mbd', folder=None), group, feats)
+  assert sal.shape == (40, 48) and 0 <= sal.min() and sal.max() <= 1
+
+
+def _standing_figure(h=96, w=96, seed=0):
+  """A person-like bar standing on the bottom border over a two-band street scene."""
+  rng = np.random.default_rng(seed)
+  image = np.empty((h, w, 3), np.uint8)
+  image[: h // 2] = (90, 110, 160)   # facade
+  image[h // 2:] = (100, 100, 100)   # road, filling the bottom border
+  image = (image + rng.integers(-8, 8, size=image.shape)).clip(0, 255).astype(np.uint8)
+  yy, xx = np.mgrid[:h, :w]
+  figure = (yy >= 20) & (np.abs(xx - (30 + 10 * seed)) < 9)   # from row 20 down to the border
+  image[figure] = (230, 200, 40)
+  return image, figure
+
+
+def test_mbd_finds_an_object_that_touches_the_bottom_border():
+  image, figure = _standing_figure()
+  sal = saliency.mbd_saliency(image, work_size=96)
+  fg = sal > sal.mean()
+  assert (fg & figure).sum() / (fg | figure).sum() > 0.6
+  assert sal[figure[-1]].size and sal[-1][figure[-1]].mean() > 2 * sal[-1][~figure[-1]].mean()
+
+
+def test_ddt_maps_sign_and_ddt_mbd_prior_on_a_bottom_touching_object():
+  # Descriptors: the object's is shared by the group, the backgrounds differ per image.
+  rng = np.random.default_rng(0)
+  images, figures, feats = [], [], []
+  for i in range(4):
+    image, figure = _standing_figure(seed=i)
+    small = figure[::8, ::8]
+    f = rng.normal(0, 0.1, size=small.shape + (16,)) + rng.normal(0, 0.3, size=16)  # background
+    f[small] = 3.0 * np.eye(16)[0] + rng.normal(0, 0.1, size=(small.sum(), 16))
+    images.append(image), figures.append(figure), feats.append(f.astype(np.float32))
+  maps = saliency.ddt_maps(feats)
+  for m, figure in zip(maps, figures):
+    small = figure[::8, ::8]
+    assert m[small].min() > 0 and m[~small].mean() < 0
+  # Flipping every descriptor's sign flips the principal direction, not the answer.
+  for m, n in zip(maps, saliency.ddt_maps([-f for f in feats])):
+    assert np.all((m > 0) == (n > 0))
+  priors = saliency.ddt_mbd_saliency(images, feats)
+  for p, figure in zip(priors, figures):
+    assert p.shape == figure.shape and p.min() >= 0 and p.max() == pytest.approx(1.0)
+    fg = p > p.mean()
+    assert (fg & figure).sum() / (fg | figure).sum() > 0.6

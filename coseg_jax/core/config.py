@@ -214,9 +214,14 @@ def instance():
   c.loss.saliency_weight = 1.0
 
   c.saliency = config_dict.ConfigDict()
-  # Saliency prior: 'mbd' (minimum barrier distance on superpixels, built in) or
-  # 'folder' (precomputed maps: <stem>.png or .mat under `folder`).
-  c.saliency.prior = 'mbd'
+  # Saliency prior: 'ddt_mbd' (co-saliency: the group's DDT map of the frozen ImageNet
+  # backbone's `ddt_tap` descriptors times MBD), 'mbd' (minimum barrier distance on
+  # superpixels alone) or 'folder' (precomputed maps: <stem>.png or .mat under `folder`).
+  c.saliency.prior = 'ddt_mbd'
+  # Backbone tap DDT reads at data.image_size; 'auto': block13 for efficientnet_lite0 (the
+  # last 192-d stride-32 stage; the 320-d projection and the 1280-d head are less
+  # object-selective), conv5_3 for vgg16, layer4 for resnet50.
+  c.saliency.ddt_tap = 'auto'
   c.saliency.folder = placeholder(str)
 
   c.train = config_dict.ConfigDict()

@@ -44,14 +44,16 @@ BASELINES = ('none', 'saliency')
 # The deepest feature each backbone has: the paper's relu6 (fc6 as a conv) is not in
 # the Keras notop VGG16, so its deepest conv stands in (SPEC §2).
 FEATURE_TAPS = {'vgg16': 'conv5_3', 'resnet50': 'layer4', 'efficientnet_lite0': 'head'}
+# The tap the 'ddt_mbd' saliency prior reads (config.saliency.ddt_tap 'auto').
+DDT_TAPS = {'vgg16': 'conv5_3', 'resnet50': 'layer4', 'efficientnet_lite0': 'block13'}
 
 
-def feature_tap(requested, backbone):
+def feature_tap(requested, backbone, table=None, field='model.feature'):
   """The backbone tap the model reads: config.model.feature, 'auto' -> FEATURE_TAPS."""
   if requested == 'auto':
-    return FEATURE_TAPS[backbone.name]
+    return (table or FEATURE_TAPS)[backbone.name]
   if requested not in backbone.tap_info():
-    raise InputError(f'config.model.feature: {backbone.name} has no tap {requested!r} '
+    raise InputError(f'config.{field}: {backbone.name} has no tap {requested!r} '
                      f'({", ".join(backbone.tap_info())})')
   return requested
 
@@ -82,6 +84,18 @@ def build_network(config, backbone, backbone_vars):
                            weights=deepco3.LossWeights.from_config(config))
   return Network(model, model.with_peak_backprop().score, params, frozen,
                  train.Trainer(loss, train.TrainConfig.from_config(config)))
+
+
+def descriptor_fn(config, backbone, backbone_vars):
+  """`features(images) -> [hxwxC]`: the frozen ImageNet backbone's config.saliency.ddt_tap
+  descriptors of each image resized to data.image_size (the 'ddt_mbd' prior's input)."""
+  tap = feature_tap(config.saliency.ddt_tap, backbone, DDT_TAPS, 'saliency.ddt_tap')
+  extract = jax.jit(lambda v, x: backbone.apply(v, x, taps=(tap,))[tap])
+
+  def features(images):
+    x = data.resize_batch(images, config.data.image_size)
+    return [np.asarray(extract(backbone_vars, x[i:i + 1]))[0] for i in range(len(x))]
+  return features
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -232,14 +246,20 @@ def run(config, workdir):
   # Every group is read and validated before anything trains.
   groups = [data.load_group(path, need='none', min_images=min_images)
             for path in demo.group_paths(config, workdir)]
-  net = None
+  net = features = None
   summary = {'method': 'DeepCO3', 'saliency_prior': config.saliency.prior, 'backbone': None,
              'proposals': config.proposals.source}
+  if config.baseline == 'none' or config.saliency.prior == 'ddt_mbd':
+    backbone, backbone_vars = weights.load_backbone(
+        weights.resolve_name(config.model.backbone, 'encoder', config.weights), config.weights)
+  if config.saliency.prior == 'ddt_mbd':
+    features = descriptor_fn(config, backbone, backbone_vars)
+    summary['saliency_backbone'] = {'name': backbone.name, 'weights': backbone.source,
+                                    'feature': feature_tap(config.saliency.ddt_tap, backbone,
+                                                           DDT_TAPS, 'saliency.ddt_tap')}
   if config.baseline == 'saliency':
     summary.update(method='saliency baseline', proposals='connected components of the prior')
   else:
-    backbone, backbone_vars = weights.load_backbone(
-        weights.resolve_name(config.model.backbone, 'encoder', config.weights), config.weights)
     net = build_network(config, backbone, backbone_vars)
     tap = net.model.features.tap
     summary['backbone'] = {'name': backbone.name, 'weights': backbone.source, 'feature': tap}
@@ -250,7 +270,7 @@ def run(config, workdir):
     group_dir = os.path.join(workdir, group.name)
     log.info('group %s: %d images, method %s', group.name, len(group.samples), summary['method'])
     started = time.time()
-    priors = saliency.saliency_prior(config.saliency, group)
+    priors = saliency.saliency_prior(config.saliency, group, features)
     log.info('%s: saliency prior (%s) in %.1fs', group.name, config.saliency.prior, time.time() - started)
     masks, scores, candidates = detect_group(config, group, priors, net, group_dir)
     gts = [s.instances for s in group.samples]

@@ -9,6 +9,18 @@ touches one side is not swallowed by the background. The minimisation is the sam
 relaxation FastMBD uses (keep the max and min of the current best path, improve it
 through neighbours until nothing changes), here on the superpixel adjacency graph.
 
+'ddt_mbd' (default): a co-saliency prior, the product of two training-free cues, one per
+image and one per group. MBD (above) says what stands out of its own image; DDT (deep
+descriptor transforming, Wei et al., IJCAI 2017 / PR 2019) says what recurs across the
+group: the frozen ImageNet backbone's descriptors of all pixels of all images of the
+group are centred and projected on their first principal component, and the positive
+side is the common object (the sign is chosen so that the positive side covers a smaller
+share of the image borders than of the images). The map is max(DDT, 0) upsampled to the
+image and scaled to [0, 1] per image, times MBD, scaled to [0, 1]. On real street photos
+MBD alone calls every band that is far in colour from the border (hedges, facades)
+salient; DDT alone is coarse (stride 32); the product keeps the recurring object that
+stands out (BUILD.md, "Real photographs (DeepCO3)").
+
 'folder': precomputed maps, one per image: `<stem>.png` (greyscale; colour is
 averaged) or the original dataset's `<stem>.mat` (MATLAB v5 or v7.3/HDF5; the one 2D
 numeric variable, or `SalMap` as in the DeepCO3 release when there are several). Maps
@@ -24,7 +36,7 @@ from skimage import segmentation
 from coseg_jax.core import data
 from coseg_jax.core.errors import InputError
 
-PRIORS = ('mbd', 'folder')
+PRIORS = ('ddt_mbd', 'mbd', 'folder')
 _MAT_PREFERRED = 'SalMap'
 
 
@@ -131,10 +143,49 @@ def load_prior_folder(folder, stems, shapes):
   return out
 
 
-def saliency_prior(cfg_saliency, group):
-  """Per sample of `group`, its HxW prior in [0, 1] at the image's original size."""
+def ddt_maps(feats_list):
+  """DDT of a group: per image, its descriptors (hxwxC) projected on the group's first
+  principal component, signed so that the positive side touches the borders less.
+
+  Returns a list of float32 hxw maps (positive = common object).
+  """
+  flat = np.concatenate([np.asarray(f, np.float64).reshape(-1, f.shape[-1]) for f in feats_list])
+  mean = flat.mean(0)
+  centred = flat - mean
+  # First right singular vector of the centred descriptors = first principal component.
+  _, _, vt = np.linalg.svd(centred[:: max(1, len(centred) // 20000)], full_matrices=False)
+  direction = vt[0]
+  maps = [((np.asarray(f, np.float64) - mean) @ direction).astype(np.float32) for f in feats_list]
+  border = np.concatenate([np.concatenate([m[0], m[-1], m[1:-1, 0], m[1:-1, -1]]) for m in maps])
+  every = np.concatenate([m.ravel() for m in maps])
+  if np.mean(border > 0) > np.mean(every > 0):
+    maps = [-m for m in maps]
+  return maps
+
+
+def ddt_mbd_saliency(images_uint8, feats_list, mbd_maps=None):
+  """The 'ddt_mbd' prior of a group (module docstring): HxW maps in [0, 1], one per image."""
+  out = []
+  mbd_maps = mbd_maps or [mbd_saliency(im) for im in images_uint8]
+  for image, common, single in zip(images_uint8, ddt_maps(feats_list), mbd_maps):
+    up = data.resize_probs(np.maximum(common, 0)[..., None], image.shape[:2])[..., 0]
+    up = up / up.max() if up.max() > 0 else up
+    prior = up * single
+    out.append((prior / prior.max() if prior.max() > 0 else prior).astype(np.float32))
+  return out
+
+
+def saliency_prior(cfg_saliency, group, features=None):
+  """Per sample of `group`, its HxW prior in [0, 1] at the image's original size.
+
+  `features(images) -> list of hxwxC` (the frozen backbone's descriptors) is needed by
+  'ddt_mbd' only.
+  """
   if cfg_saliency.prior == 'mbd':
     return [mbd_saliency(s.image) for s in group.samples]
+  if cfg_saliency.prior == 'ddt_mbd':
+    images = [s.image for s in group.samples]
+    return ddt_mbd_saliency(images, features(images))
   if cfg_saliency.prior == 'folder':
     return load_prior_folder(cfg_saliency.folder, [s.stem for s in group.samples],
                              [s.image.shape for s in group.samples])
