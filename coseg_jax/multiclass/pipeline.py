@@ -193,7 +193,10 @@ def label_group(config, group, maps, background=None):
   `background(label maps)` names (default: the border rule)."""
   pairs = progress.bar(zip(group.samples, maps), total=len(maps), desc=f'infer {group.name}',
                        quiet=config.output.quiet)
-  labels = [postprocess.labels_from_maps(s.image, m, config.infer) for s, m in pairs]
+  if config.baseline == 'center':  # the ellipse itself, no CRF
+    labels = [np.argmax(m, axis=-1).astype(np.uint8) for _, m in pairs]
+  else:
+    labels = [postprocess.labels_from_maps(s.image, m, config.infer) for s, m in pairs]
   k1 = config.num_classes + 1
   bg = postprocess.border_label(labels, k1) if background is None else background(labels)
   return postprocess.swap_to_background(labels, bg, k1)
