@@ -124,16 +124,20 @@ def test_deepco3_end_to_end(group_dir, tmp_path):
 def test_saliency_baseline_is_components_of_the_prior(group_dir, tmp_path):
   workdir = str(tmp_path / 'base')
   config = _config(group_dir, baseline='saliency')
-  config.saliency.prior = 'mbd'  # the prior this test recomputes
   summary = main.run(config, workdir)
   group = data.load_group(group_dir, need='instances')
   assert summary['method'] == 'saliency baseline' and summary['backbone'] is None
+  # The default prior, ddt_mbd, reads the frozen backbone's DDT tap.
+  name = weights.resolve_name('auto', 'encoder', config.weights)
+  assert summary['saliency_backbone']['feature'] == instance.DDT_TAPS[name]
+  backbone, variables = weights.load_backbone(name, config.weights)
+  priors = saliency.saliency_prior(config.saliency, group,
+                                   instance.descriptor_fn(config, backbone, variables))
   assert not os.path.exists(os.path.join(workdir, group.name, 'checkpoints'))
   scores = summary['groups'][group.name]
   _check_metrics(scores)
   found = _check_outputs(group, os.path.join(workdir, group.name))
-  for (masks, got), sample in zip(found, group.samples):
-    prior = saliency.mbd_saliency(sample.image)
+  for (masks, got), prior in zip(found, priors):
     labels, n = ndimage.label(prior > prior.mean())
     assert len(masks) == n  # no percentile filter, no NMS
     want = sorted((prior[labels == i].mean() for i in range(1, n + 1)), reverse=True)

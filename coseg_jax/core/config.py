@@ -257,6 +257,10 @@ def instance():
   c.rank.reference_area = 448 * 448
   # Detections below this percentile of the group's scores are dropped (best per image kept).
   c.rank.drop_percentile = 20.0
+  # Instance peaks must also be salient: pre-sigmoid score > this (0: S~ > 0.5). The
+  # authors keep every local maximum >= the median (-inf here), ~25-40 per 14x14 map on
+  # real photos, each one a PRM back-propagation and a detection before NMS.
+  c.rank.peak_min_score = 0.0
 
   c.output = _output()
   c.distributed = _distributed()

@@ -124,7 +124,10 @@ def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw,
   `prm.peak_response_maps`.
   """
   shape_hw = sample.image.shape[:2]
-  peaks = deepco3.instance_peaks(score_hxw)
+  peaks = [(y, x) for y, x in deepco3.instance_peaks(score_hxw)
+           if score_hxw[y, x] > config.rank.peak_min_score]
+  if not peaks:  # nothing salient: the image's strongest peak stands in
+    peaks = [tuple(int(v) for v in np.unravel_index(np.argmax(score_hxw), score_hxw.shape))]
   maps = prm.peak_response_maps(prm_score, params_and_frozen, image_1xSxSx3, peaks)
   props = proposals.proposals_for(config.proposals, sample.stem, sample.image)
   r = config.rank

@@ -16,7 +16,8 @@ group: the frozen ImageNet backbone's descriptors of all pixels of all images of
 group are centred and projected on their first principal component, and the positive
 side is the common object (the sign is chosen so that the positive side covers a smaller
 share of the image borders than of the images). The map is max(DDT, 0) upsampled to the
-image and scaled to [0, 1] per image, times MBD, scaled to [0, 1]. On real street photos
+image and scaled to [0, 1] per image, times MBD, scaled to [0, 1] (MBD alone where
+DDT is nowhere positive). On real street photos
 MBD alone calls every band that is far in colour from the border (hedges, facades)
 salient; DDT alone is coarse (stride 32); the product keeps the recurring object that
 stands out (BUILD.md, "Real photographs (DeepCO3)").
@@ -169,8 +170,8 @@ def ddt_mbd_saliency(images_uint8, feats_list, mbd_maps=None):
   mbd_maps = mbd_maps or [mbd_saliency(im) for im in images_uint8]
   for image, common, single in zip(images_uint8, ddt_maps(feats_list), mbd_maps):
     up = data.resize_probs(np.maximum(common, 0)[..., None], image.shape[:2])[..., 0]
-    up = up / up.max() if up.max() > 0 else up
-    prior = up * single
+    # An image where nothing is on the common side has no co-saliency evidence: MBD alone.
+    prior = up / up.max() * single if up.max() > 0 else single
     out.append((prior / prior.max() if prior.max() > 0 else prior).astype(np.float32))
   return out
 
