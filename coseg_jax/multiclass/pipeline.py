@@ -199,13 +199,17 @@ def check_config(config):
                      f'per mini-batch, got {config.data.batch_size}')
 
 
-def run(config, workdir):
+def run(config, workdir, start=None):
+  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
+  fingerprint, writes config.json; returns the work directory to write into), then work."""
   check_config(config)
   k = config.num_classes
   # Every group is read and validated before anything trains: a bad file in the last
   # group must not cost the training of the first ones.
   groups = [data.load_group(path, num_classes=k, min_images=config.data.batch_size)
             for path in demo.group_paths(config, workdir)]
+  if start is not None:
+    workdir = start(groups)
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
