@@ -89,14 +89,22 @@ def _setup_logging(workdir):
     log.removeHandler(h)
     h.close()
   # A file name that is not valid UTF-8 is logged escaped, not as a logging error.
-  fh = logging.FileHandler(os.path.join(workdir, 'run.log'), encoding='utf-8',
-                           errors='backslashreplace')
+  fh = _QuietFileHandler(os.path.join(workdir, 'run.log'), encoding='utf-8',
+                         errors='backslashreplace')
   fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
   log.addHandler(fh)
   sh = logging.StreamHandler(sys.stdout)
   sh.setFormatter(_EscapingFormatter('%(message)s'))
   log.addHandler(sh)
   log.propagate = False
+
+
+class _QuietFileHandler(logging.FileHandler):
+  """run.log on a full disk loses lines instead of printing a traceback per line (the
+  write that fails next reports the full disk, once)."""
+
+  def handleError(self, record):
+    del record
 
 
 class _EscapingFormatter(logging.Formatter):
@@ -153,6 +161,9 @@ def fingerprint(config, groups):
 
 
 def _differences(old, new):
+  """What differs, as short phrases ('train.learning_rate 0.0001 -> 0.5')."""
+  if not old.get('config'):
+    return ['no readable fingerprint.json beside its checkpoints: settings unknown']
   diffs = []
   oc, nc = old.get('config', {}), new['config']
   for key in sorted(set(oc) | set(nc)):
@@ -197,7 +208,9 @@ def _start(config, workdir, groups):
   elif any(os.path.isdir(os.path.join(workdir, g.name, 'checkpoints')) for g in groups):
     old = {}  # checkpoints of a run that recorded nothing: cannot be trusted to match
   if old is not None and old != new:
-    diffs = _differences(old, new) or ['no fingerprint.json: settings unknown']
+    diffs = _differences(old, new)
+    if len(diffs) > 6:
+      diffs = diffs[:5] + [f'{len(diffs) - 5} more']
     if config.train.on_mismatch != 'fresh':
       raise InputError(
           f'{workdir}: holds a run with other settings ({"; ".join(diffs)}); its checkpoints '

@@ -39,8 +39,9 @@ def disk_full(path, e=None):
 def atomic_write_bytes(path, data: bytes):
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
+  tmp = None
   try:
+    fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
     # mkstemp makes 0600 files; outputs get the permissions a plain open() would give.
@@ -49,7 +50,7 @@ def atomic_write_bytes(path, data: bytes):
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException as e:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     if is_disk_full(e):
       raise disk_full(path) from None
