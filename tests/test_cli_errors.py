@@ -420,9 +420,11 @@ def test_rerun_with_output_only_changes_resumes(tmp_path, no_model):
 def test_rerun_with_on_mismatch_fresh_starts_in_a_new_subfolder(tmp_path, no_model):
   d, workdir = _fake_previous_run(tmp_path)
   before = _digests(workdir, ['config.json', main.FINGERPRINT])
-  with pytest.raises(AssertionError, match='a model was built'):
-    main.run(_config(d, {'train.learning_rate': 0.5, 'train.on_mismatch': 'fresh'}), workdir)
+  for _ in range(2):  # the same command again resumes the same subfolder
+    with pytest.raises(AssertionError, match='a model was built'):
+      main.run(_config(d, {'train.learning_rate': 0.5, 'train.on_mismatch': 'fresh'}), workdir)
   assert _digests(workdir, before) == before
+  assert not os.path.exists(os.path.join(workdir, 'rerun-2'))
   with open(os.path.join(workdir, 'rerun-1', 'config.json')) as f:
     assert json.load(f)['train']['learning_rate'] == 0.5
 

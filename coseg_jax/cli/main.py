@@ -169,11 +169,12 @@ def _differences(old, new):
   for key in sorted(set(oc) | set(nc)):
     if oc.get(key, '<unset>') != nc.get(key, '<unset>'):
       diffs.append(f'{key} {oc.get(key, "<unset>")!r} -> {nc.get(key, "<unset>")!r}')
+  # Groups added or left out are fine (each group has its own folder); a group whose
+  # images or annotations changed under the same name is not.
   oi, ni = old.get('inputs', {}), new['inputs']
-  for name in sorted(set(oi) | set(ni)):
-    if oi.get(name) != ni.get(name):
-      what = 'new group' if name not in oi else 'group gone' if name not in ni else 'other images'
-      diffs.append(f'inputs of group {name!r} ({what})')
+  for name in sorted(set(oi) & set(ni)):
+    if oi[name] != ni[name]:
+      diffs.append(f'inputs of group {name!r} (other images)')
   return diffs
 
 
@@ -184,11 +185,27 @@ def _check_group_names(groups):
                        f'the run ({", ".join(RESERVED_NAMES)}, rerun-<n>); rename the folder')
 
 
-def _fresh_dir(workdir):
+def _read_fingerprint(path):
+  """The recorded fingerprint, {} if unreadable, None if there is none."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _fresh_dir(workdir, new):
+  """The rerun-<n> subfolder of an earlier fresh start with these very settings (so the
+  same command resumes it), else the next free one."""
   n = 1
   while os.path.exists(os.path.join(workdir, f'rerun-{n}')):
+    old = _read_fingerprint(os.path.join(workdir, f'rerun-{n}', FINGERPRINT))
+    if old and not _differences(old, new):
+      return os.path.join(workdir, f'rerun-{n}'), old
     n += 1
-  return os.path.join(workdir, f'rerun-{n}')
+  return os.path.join(workdir, f'rerun-{n}'), None
 
 
 def _start(config, workdir, groups):
@@ -198,17 +215,11 @@ def _start(config, workdir, groups):
   _check_group_names(groups)
   new = fingerprint(config, groups)
   path = os.path.join(workdir, FINGERPRINT)
-  old = None
-  if os.path.exists(path):
-    try:
-      with open(path, encoding='utf-8') as f:
-        old = json.load(f)
-    except (OSError, ValueError):
-      old = {}
-  elif any(os.path.isdir(os.path.join(workdir, g.name, 'checkpoints')) for g in groups):
+  old = _read_fingerprint(path)
+  if old is None and any(os.path.isdir(os.path.join(workdir, g.name, 'checkpoints')) for g in groups):
     old = {}  # checkpoints of a run that recorded nothing: cannot be trusted to match
-  if old is not None and old != new:
-    diffs = _differences(old, new)
+  diffs = [] if old is None else _differences(old, new)
+  if diffs:
     if len(diffs) > 6:
       diffs = diffs[:5] + [f'{len(diffs) - 5} more']
     if config.train.on_mismatch != 'fresh':
@@ -216,11 +227,13 @@ def _start(config, workdir, groups):
           f'{workdir}: holds a run with other settings ({"; ".join(diffs)}); its checkpoints '
           'and results would be reused. Use another --workdir, or '
           '--config.train.on_mismatch=fresh to start over in a new subfolder')
-    workdir = _fresh_dir(workdir)
-    log.info('settings differ from the run in the work directory (%s): starting fresh in %s',
-             '; '.join(diffs), workdir)
-    os.makedirs(workdir)
+    workdir, old = _fresh_dir(workdir, new)
+    log.info('settings differ from the run in the work directory (%s): %s in %s',
+             '; '.join(diffs), 'starting fresh' if old is None else 'resuming', workdir)
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, FINGERPRINT)
+  if old:
+    new = {**new, 'inputs': {**old.get('inputs', {}), **new['inputs']}}  # groups of earlier runs
   fileio.atomic_write_json(path, new)
   fileio.atomic_write_text(os.path.join(workdir, 'config.json'),
                            config.to_json_best_effort(indent=2) + '\n')
