@@ -307,3 +307,17 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path):
               {'scale': jnp.ones(())}, _data(), TC, ckpt_dir=str(tmp_path / 'ckpt'),
               log_path=str(tmp_path / 'loss.jsonl'), quiet=True)
   assert '\n' not in str(info.value)
+
+
+def test_checkpoint_with_non_finite_weights_is_never_resumed(tmp_path):
+  # Older versions saved the weights of a diverged last step.
+  from coseg_jax.core.errors import InputError
+  tc = train.TrainConfig(epochs=1, batch_size=2, learning_rate=0.3, weight_decay=0.0, seed=3)
+  optimizer = train.make_optimizer(tc)
+  params = {'w': jnp.full((4, 1), jnp.nan), 'b': jnp.zeros((1,))}
+  state = {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.array(3, jnp.int32)}
+  with train.ocp.CheckpointManager(str(tmp_path / 'ckpt')) as mngr:
+    mngr.save(3, args=train.ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+  with pytest.raises(InputError, match='holds non-finite weights'):
+    _fit(tmp_path, tc=tc)

@@ -11,10 +11,11 @@ from absl import flags
 from ml_collections import config_dict
 
 from coseg_jax.core.errors import InputError
+from coseg_jax.core.errors import one_line
 
 
 def usage_error(message):
-  print(f'error: {message}', file=sys.stderr)
+  print(f'error: {one_line(message)}', file=sys.stderr)
   sys.exit(2)
 
 

@@ -287,6 +287,10 @@ class Trainer:
         reason = ' '.join(str(e).split())[:200]
         raise InputError(f'{ckpt_dir}: checkpoint {latest} does not fit this model (another '
                          f'config wrote it?): {reason}') from None
+      if not all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state['params'])):
+        # Written by an older version that saved diverged weights; never resume them.
+        raise InputError(f'{ckpt_dir}: checkpoint {latest} holds non-finite weights (a '
+                         'diverged run); delete the folder to train again')
       log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
     if chief:
       # Records after the resumed step (all of them without a checkpoint) are from a run
