@@ -449,7 +449,7 @@ def test_second_run_into_a_locked_workdir_exits_2_naming_the_holder(tmp_path, ca
     d = os.path.dirname(_group(str(tmp_path / 'data' / 'grp')))
     assert main.run_cli(_config(d, {}), str(workdir)) == 2
     _one_error_line(capsys.readouterr().err, str(workdir), f'in use by another run (pid {holder.pid})')
-    assert not (workdir / 'run.log').exists() or not (workdir / 'config.json').exists()
+    assert os.listdir(workdir) == [main.LOCK]  # nothing written, the holder's log untouched
   finally:
     holder.kill()
     holder.wait()
@@ -502,7 +502,8 @@ def test_disk_full_during_a_checkpoint_on_a_real_tmpfs(tmp_path, capsys):
     leftovers = [os.path.join(p, n) for p, dirs, files in os.walk(workdir)
                  for n in dirs + files if 'orbax-checkpoint-tmp' in n or n.startswith('.tmp-')]
   finally:
-    subprocess.run(['umount', workdir], check=True)
+    if subprocess.run(['umount', workdir]).returncode:
+      subprocess.run(['umount', '-l', workdir])
   assert code == 2
   lines = err.splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and 'the disk is full' in lines[0], err

@@ -81,9 +81,25 @@ class _Lock:
     os.close(self.fd)  # closing releases the lock; the file stays (unlinking would race)
 
 
+def _from_orbax(record):
+  """orbax logs a failed save from each of its threads with a traceback (thousands of
+  lines for a full disk); the trainer turns the failure into one error of its own."""
+  return '/orbax/' not in record.pathname.replace(os.sep, '/')
+
+
+def _close_logging():
+  """Detaches run.log (the file is not held open after the run)."""
+  for h in list(log.handlers):
+    log.removeHandler(h)
+    h.close()
+
+
 def _setup_logging(workdir):
   # orbax and jax log every checkpoint step at INFO through absl; keep the console readable.
   absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logger = logging.getLogger('absl')
+  if _from_orbax not in absl_logger.filters:
+    absl_logger.addFilter(_from_orbax)
   log.setLevel(logging.INFO)
   for h in list(log.handlers):
     log.removeHandler(h)
@@ -247,15 +263,18 @@ def run(config, workdir):
   _prepare_workdir(workdir)
   with _Lock(workdir):
     _setup_logging(workdir)
-    train.initialize_distributed(config.distributed)
-    started = {}
+    try:
+      train.initialize_distributed(config.distributed)
+      started = {}
 
-    def start(groups):
-      started['workdir'] = _start(config, workdir, groups)
-      return started['workdir']
+      def start(groups):
+        started['workdir'] = _start(config, workdir, groups)
+        return started['workdir']
 
-    metrics = pipeline.run(config, workdir, start=start)
-    log.info('report: %s', report.write(started.get('workdir', workdir)))
+      metrics = pipeline.run(config, workdir, start=start)
+      log.info('report: %s', report.write(started.get('workdir', workdir)))
+    finally:
+      _close_logging()
   return metrics
 
 
