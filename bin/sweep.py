@@ -9,12 +9,14 @@ Rerunning the same command skips finished runs and resumes interrupted ones. The
 (rows = runs; columns = grid values, P, J, ...) is printed and written to
 SWEEP/results.md and SWEEP/results.csv.
 """
+import functools
 import os
 import sys
 
 from absl import app
 from absl import flags
 
+from coseg_jax.cli import flags as cli_flags
 from coseg_jax.cli import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/*.py).')
@@ -34,7 +36,7 @@ _RUN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run.py')
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli_flags.usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir = _WORKDIR.value or os.path.join(
       'runs', 'sweep_' + os.path.splitext(os.path.basename(_CONFIG.value))[0])
   sys.exit(sweep.run_cli(_CONFIG.value, _GRID.value, _SET.value, workdir,
@@ -43,4 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cli_flags.parse_flags, config_flag=None))

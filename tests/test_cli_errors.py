@@ -4,8 +4,11 @@ Every case must end with exit status 2 and exactly one line on stderr naming the
 and the reason, without a traceback, without touching what the work directory already
 held, and before any model is built (so a typo costs seconds, not a compile).
 """
+import errno
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +18,11 @@ import pytest
 
 from coseg_jax.cli import main
 from coseg_jax.core import config as defaults
+from coseg_jax.core import data
+from coseg_jax.core import fileio
 from coseg_jax.core import train
 from coseg_jax.instance import pipeline as instance
+from coseg_jax.multiclass import metrics
 from coseg_jax.multiclass import pipeline as multiclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +47,7 @@ def _group(root, *, num_images=3, size=32):
 def _previous_run(workdir):
   """Files an earlier run left in `workdir`; returns their digests."""
   files = {'metrics.json': b'{"mean": {"P": 0.5}}\n', 'notes.txt': b'keep me\n',
+           'config.json': b'{"train": {"learning_rate": 0.0001}}\n',
            os.path.join('grp', 'labels', 'img0.png'): b'\x89PNG earlier label map'}
   for rel, content in files.items():
     os.makedirs(os.path.dirname(os.path.join(workdir, rel)), exist_ok=True)
@@ -57,150 +64,117 @@ def _digests(workdir, rels):
   return out
 
 
-# Each case builds its bad input under `tmp` and returns (data root, config overrides, the
-# path the message must name, words of the reason).
-def _corrupt(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'images', 'img1.png')
-  with open(bad, 'wb') as f:
-    f.write(np.random.default_rng(1).bytes(500))
-  return g, {}, bad, 'cannot read image'
+def _write(path, content):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(content)
 
 
-def _truncated(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'images', 'img1.png')
-  with open(bad, 'rb') as f:
-    head = f.read()[:120]
-  with open(bad, 'wb') as f:
-    f.write(head)
-  return g, {}, bad, 'cannot read image'
+def _truncate(path, size):
+  with open(path, 'rb') as f:
+    head = f.read()[:size]
+  _write(path, head)
 
 
-def _zero_bytes(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'images', 'img1.png')
-  open(bad, 'wb').close()
-  return g, {}, bad, 'empty file'
+def _replace_with_link(path, target):
+  os.unlink(path)
+  os.symlink(target, path)
 
 
-def _dangling_link(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'images', 'img1.png')
-  os.unlink(bad)
-  os.symlink(os.path.join(tmp, 'gone.png'), bad)
-  return g, {}, bad, 'not an image file'
+def _drop_image(g, stem):
+  os.unlink(os.path.join(g, 'images', f'{stem}.png'))
+  os.unlink(os.path.join(g, 'masks', f'{stem}.png'))
 
 
-def _unreadable(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'images', 'img1.png')
-  os.chmod(bad, 0)
-  return g, {}, bad, 'Permission denied'
+def _float_tiff(path, values):
+  Image.fromarray(np.asarray(values, np.float32), 'F').save(path)
 
 
-def _not_an_image(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'images', 'notes.txt')
-  with open(bad, 'w') as f:
-    f.write('not a picture\n')
-  return g, {}, bad, 'not an image file'
+def _jpeg_mask(path):
+  labels = np.zeros((32, 32), np.uint8)
+  labels[8:24, 8:24] = 2
+  Image.fromarray(labels).save(path, format='JPEG', quality=75)  # named .png, JPEG inside
 
 
-def _mask_wrong_size(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'masks', 'img1.png')
-  _png(bad, np.zeros((16, 24)))
-  return g, {}, bad, 'does not match'
-
-
-def _mask_unknown_label(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  bad = os.path.join(g, 'masks', 'img1.png')
+def _label_square(value):
   labels = np.zeros((32, 32))
-  labels[:4, :4] = 7
-  _png(bad, labels)
-  # K given: with num_classes unset it would come from classes.txt (test_background_rules.py).
-  return g, {'num_classes': 2}, bad, 'unknown label(s) 7'
+  labels[:4, :4] = value
+  return labels
 
 
-def _too_few_images(tmp):
-  g = _group(os.path.join(tmp, 'grp'), num_images=2)
-  return g, {'data.batch_size': 3}, g, 'at least 3'
-
-
-def _zero_classes(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  return g, {'num_classes': 0}, 'config.num_classes', 'at least 1'
-
-
-def _tiny_images(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  return g, {'data.image_size': 0}, 'config.data.image_size', 'at least 32'
-
-
-def _zero_batch(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  return g, {'data.batch_size': 0}, 'config.data.batch_size', 'at least 1'
-
-
-def _single_image_batch(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  return g, {'data.batch_size': 1}, 'config.data.batch_size', 'at least 2 images'
-
-
-def _unknown_pooling(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  return g, {'loss.pooling': 'max'}, 'config.loss.pooling', 'not one of masked | global'
-
-
-def _unknown_inference(tmp):
-  g = _group(os.path.join(tmp, 'grp'))
-  return g, {'infer.method': 'mrf'}, 'config.infer.method', 'not one of argmax | crf'
-
-
-def _empty_root(tmp):
-  root = os.path.join(tmp, 'empty')
-  os.makedirs(root)
-  return root, {}, root, 'no groups'
-
-
-def _empty_images(tmp):
-  g = os.path.join(tmp, 'grp')
-  os.makedirs(os.path.join(g, 'images'))
-  return g, {}, os.path.join(g, 'images'), 'no images'
-
-
-def _missing_root(tmp):
-  root = os.path.join(tmp, 'nowhere')
-  return root, {}, root, 'no such folder'
-
-
+# One row per bad input: id, what to change in a valid 3-image 2-class group `g` (the only
+# group of the data root `d` = its parent), config overrides, the path the one line must
+# start with ({g}, {d}, {t} = tmp folder) and words of the reason.
 DATA_CASES = [
-    pytest.param(_corrupt, id='corrupt'),
-    pytest.param(_truncated, id='truncated'),
-    pytest.param(_zero_bytes, id='zero_bytes'),
-    pytest.param(_dangling_link, id='dangling_link'),
-    pytest.param(_unreadable, id='unreadable', marks=pytest.mark.skipif(
-        AS_ROOT, reason='root reads files whatever their mode; dangling_link covers unreadable')),
-    pytest.param(_not_an_image, id='not_an_image'),
-    pytest.param(_mask_wrong_size, id='mask_wrong_size'),
-    pytest.param(_mask_unknown_label, id='mask_unknown_label'),
-    pytest.param(_too_few_images, id='too_few_images'),
-    pytest.param(_zero_classes, id='zero_classes'),
-    pytest.param(_tiny_images, id='tiny_images'),
-    pytest.param(_single_image_batch, id='single_image_batch'),
-    pytest.param(_unknown_pooling, id='unknown_pooling'),
-    pytest.param(_unknown_inference, id='unknown_inference'),
-    pytest.param(_zero_batch, id='zero_batch'),
-    pytest.param(_empty_root, id='empty_root'),
-    pytest.param(_empty_images, id='empty_images'),
-    pytest.param(_missing_root, id='missing_root'),
+    ('corrupt', lambda g: _write(f'{g}/images/img1.png', np.random.default_rng(1).bytes(500)),
+     {}, '{g}/images/img1.png', 'cannot read image'),
+    ('truncated', lambda g: _truncate(f'{g}/images/img1.png', 120),
+     {}, '{g}/images/img1.png', 'cannot read image'),
+    ('zero_bytes', lambda g: _write(f'{g}/images/img1.png', b''),
+     {}, '{g}/images/img1.png', 'empty file'),
+    ('dangling_link', lambda g: _replace_with_link(f'{g}/images/img1.png', f'{g}/gone.png'),
+     {}, '{g}/images/img1.png', 'not an image file'),
+    ('unreadable', lambda g: os.chmod(f'{g}/images/img1.png', 0),
+     {}, '{g}/images/img1.png', 'Permission denied'),
+    ('not_an_image', lambda g: _write(f'{g}/images/notes.txt', b'not a picture\n'),
+     {}, '{g}/images/notes.txt', 'not an image file'),
+    # A name can hold a newline: the line stays one line, the name escaped as repr does.
+    ('forged_name', lambda g: _write(f'{g}/images/x\nerror: fake.png', b'junk'),
+     {}, '{g}/images/x\\nerror: fake.png', 'cannot read image'),
+    ('mask_wrong_size', lambda g: _png(f'{g}/masks/img1.png', np.zeros((16, 24))),
+     {}, '{g}/masks/img1.png', 'does not match'),
+    ('mask_unknown_label', lambda g: _png(f'{g}/masks/img1.png', _label_square(7)),
+     {}, '{g}/masks/img1.png', 'unknown label(s) 7'),
+    ('mask_jpeg_named_png', lambda g: _jpeg_mask(f'{g}/masks/img1.png'),
+     {}, '{g}/masks/img1.png', 'looks lossy'),
+    ('float_tiff_out_of_range', lambda g: (os.unlink(f'{g}/images/img1.png'), _float_tiff(
+        f'{g}/images/img1.tif', np.linspace(0, 1000, 32 * 32).reshape(32, 32))),
+     {}, '{g}/images/img1.tif', 'floating-point image with values 0..1000'),
+    ('too_few_images', lambda g: _drop_image(g, 'img2'),
+     {'data.batch_size': 3}, '{g}', 'at least 3'),
+    ('group_named_metrics_json', lambda g: os.rename(g, os.path.join(os.path.dirname(g), 'metrics.json')),
+     {}, '{d}/metrics.json', 'collides with an output of the run'),
+    ('group_named_config_json', lambda g: os.rename(g, os.path.join(os.path.dirname(g), 'config.json')),
+     {}, '{d}/config.json', 'collides with an output of the run'),
+    ('empty_root', lambda g: shutil.rmtree(g), {}, '{d}', 'no groups'),
+    ('empty_images', lambda g: (shutil.rmtree(g), os.makedirs(f'{g}/images')),
+     {}, '{g}/images', 'no images'),
+    ('missing_root', None, {'data.root': '{t}/nowhere'}, '{t}/nowhere', 'no such folder'),
+] + [
+    # Config values, checked before the work directory is touched.
+    (f'{key}={value}', None, {key: value}, f'config.{key}', reason)
+    for key, value, reason in [
+        ('num_classes', 0, 'at least 1'),
+        ('seed', -1, 'at least 0'),
+        ('data.image_size', 0, 'at least 32'),
+        ('data.batch_size', 0, 'at least 1'),
+        ('data.batch_size', 1, 'at least 2 images'),
+        ('model.attention_reduction', 0, 'at least 1'),
+        ('train.checkpoint_every', 0, 'at least 1'),
+        ('train.epochs', 0, 'at least 1'),
+        ('train.epochs', -1, 'at least 1'),
+        ('train.learning_rate', float('nan'), 'finite number, above 0'),
+        ('train.on_mismatch', 'reuse', 'not one of stop | fresh'),
+        ('infer.crf.gaussian_sxy', 0.0, 'above 0'),      # was a segfault in the CRF
+        ('infer.crf.bilateral_srgb', 0.0, 'above 0'),    # idem
+        ('infer.crf.iterations', -1, 'at least 0'),
+        ('loss.pooling', 'max', 'not one of masked | global'),
+        ('infer.method', 'mrf', 'not one of argmax | crf'),
+    ]
 ]
+
+
+def _case_params(cases):
+  return [pytest.param(*case, id=case[0], marks=pytest.mark.skipif(
+      AS_ROOT and case[0] == 'unreadable',
+      reason='root reads files whatever their mode; dangling_link covers unreadable'))
+          for case in cases]
 
 
 def _config(root, overrides, method='multiclass'):
   c = getattr(defaults, method)()
+  if method == 'multiclass':
+    c.num_classes = 2  # the test groups have no classes.txt to give K
   c.data.root = root
   c.data.image_size = 64
   c.train.epochs = 1
@@ -229,18 +203,27 @@ def _one_error_line(err, path, reason):
   assert reason in lines[0]
 
 
-@pytest.mark.parametrize('make_case', DATA_CASES)
-def test_bad_input_is_one_line_exit_2_and_keeps_earlier_outputs(make_case, tmp_path, capsys,
+@pytest.mark.parametrize('case_id, change, overrides, path, reason', _case_params(DATA_CASES))
+def test_bad_input_is_one_line_exit_2_and_keeps_earlier_outputs(case_id, change, overrides, path,
+                                                                reason, tmp_path, capsys,
                                                                 no_model):
-  root, overrides, path, reason = make_case(str(tmp_path))
+  del case_id
+  t = str(tmp_path)
+  d = os.path.join(t, 'data')
+  g = _group(os.path.join(d, 'grp'))
+  if change is not None:
+    change(g)
+  fill = lambda v: v.format(g=g, d=d, t=t) if isinstance(v, str) else v
+  overrides = {k: fill(v) for k, v in overrides.items()}
   workdir = str(tmp_path / 'work')
   before = _previous_run(workdir)
-  assert main.run_cli(_config(root, overrides), workdir) == 2
-  _one_error_line(capsys.readouterr().err, path, reason)
-  assert _digests(workdir, before) == before
-  written = {os.path.relpath(os.path.join(d, n), workdir)
-             for d, _, names in os.walk(workdir) for n in names}
-  assert not any('checkpoints' in w or w.endswith('loss.jsonl') for w in written), written
+  assert main.run_cli(_config(overrides.pop('data.root', d), overrides), workdir) == 2
+  _one_error_line(capsys.readouterr().err, fill(path), reason)
+  assert _digests(workdir, before) == before  # config.json included: the run never started
+  written = {os.path.relpath(os.path.join(dd, n), workdir)
+             for dd, _, names in os.walk(workdir) for n in names}
+  assert not any('checkpoints' in w or w.endswith('loss.jsonl') or w == main.FINGERPRINT
+                 for w in written), written
 
 
 def _instance_group(root, num_images):
@@ -305,13 +288,15 @@ def _cli(*args, cwd=REPO):
 
 @pytest.mark.slow
 def test_cli_bad_image_exits_2_with_one_line(tmp_path):
-  root, _, bad, reason = _corrupt(str(tmp_path))
+  root = _group(str(tmp_path / 'grp'))
+  bad = os.path.join(root, 'images', 'img1.png')
+  _write(bad, np.random.default_rng(1).bytes(500))
   workdir = str(tmp_path / 'work')
   before = _previous_run(workdir)
   proc = _cli('--config=configs/two_class.py', f'--workdir={workdir}',
               f'--config.data.root={root}', '--config.data.image_size=64')
   assert proc.returncode == 2
-  _one_error_line(proc.stderr, bad, reason)
+  _one_error_line(proc.stderr, bad, 'cannot read image')
   assert _digests(workdir, before) == before
 
 
@@ -336,3 +321,271 @@ def test_cli_missing_config_file(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr == 'error: configs/no_such_config.py: no such config file\n'
   assert not (tmp_path / 'work').exists()
+
+
+# ---- Config files: one line from bin/run.py and bin/sweep.py (issue 14, case 6) ----
+
+_BAD_CONFIG_FILES = {
+    'missing': None,
+    'syntax_error': 'def get_config(:\n',
+    'no_get_config': 'x = 1\n',
+    'get_config_raises': 'def get_config():\n  raise ValueError("boom")\n',
+}
+_BAD_CONFIG_REASONS = {'missing': 'no such config file', 'syntax_error': 'syntax error at line 1',
+                       'no_get_config': 'defines no get_config()',
+                       'get_config_raises': 'get_config() raised ValueError: boom'}
+
+
+@pytest.mark.parametrize('script', ['run.py', 'sweep.py'])
+@pytest.mark.parametrize('problem', list(_BAD_CONFIG_FILES))
+def test_config_file_problems_are_one_line(tmp_path, script, problem):
+  path = tmp_path / 'cfg.py'
+  if _BAD_CONFIG_FILES[problem] is not None:
+    path.write_text(_BAD_CONFIG_FILES[problem])
+  override = '--config.seed=1' if script == 'run.py' else '--grid=seed=1,2'
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'bin', script), f'--config={path}',
+                         override, f'--workdir={tmp_path / "work"}'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  _one_error_line(proc.stderr, path, _BAD_CONFIG_REASONS[problem])
+  assert not (tmp_path / 'work').exists()
+
+
+def test_sweep_extra_argument_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'bin', 'sweep.py'),
+                         '--config=configs/two_class.py', '--grid=seed=1,2',
+                         f'--workdir={tmp_path / "work"}', 'extra'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr == 'error: unexpected arguments: extra\n'
+
+
+# ---- Reruns into an existing work directory (issue 14, cases 1 and 3) ----
+
+def _fake_previous_run(tmp_path, overrides=None):
+  """What a finished run leaves for its fingerprint check: fingerprint.json, config.json and
+  a checkpoint folder (written by the code that starts a real run)."""
+  d = str(tmp_path / 'data')
+  g = _group(os.path.join(d, 'grp'))
+  config = _config(d, overrides or {})
+  workdir = str(tmp_path / 'work')
+  os.makedirs(workdir)
+  main._start(config, workdir, [data.load_group(g, num_classes=config.num_classes)])
+  os.makedirs(os.path.join(workdir, 'grp', 'checkpoints', '1'))
+  return d, workdir
+
+
+def _other_images(tmp_path):
+  other = str(tmp_path / 'other')
+  g = _group(os.path.join(other, 'grp'))  # the same group name, one image differs
+  _png(os.path.join(g, 'images', 'img0.png'), np.full((32, 32, 3), 7))
+  return other
+
+
+# id, overrides of the rerun, a different data root (or None), words the line must hold.
+RERUN_CASES = [
+    ('learning_rate', {'train.learning_rate': 0.5}, None, 'train.learning_rate 0.0001 -> 0.5'),
+    ('num_classes', {'num_classes': 3}, None, 'num_classes 2 -> 3'),
+    ('attention', {'model.attention': 'sa'}, None, "model.attention 'sa_ma' -> 'sa'"),
+    ('other_root_same_group_name', {}, _other_images, "inputs of group 'grp' (other images)"),
+    ('no_fingerprint_but_checkpoints', {}, 'drop_fingerprint', 'settings unknown'),
+]
+
+
+@pytest.mark.parametrize('case_id, overrides, root, words', RERUN_CASES,
+                         ids=[c[0] for c in RERUN_CASES])
+def test_rerun_with_other_settings_stops_naming_them(case_id, overrides, root, words, tmp_path,
+                                                     capsys, no_model):
+  del case_id
+  d, workdir = _fake_previous_run(tmp_path)
+  if root == 'drop_fingerprint':
+    os.unlink(os.path.join(workdir, main.FINGERPRINT))
+  elif root is not None:
+    d = root(tmp_path)
+  before = _digests(workdir, [p for p in ('config.json', main.FINGERPRINT)
+                              if os.path.exists(os.path.join(workdir, p))])
+  assert main.run_cli(_config(d, overrides), workdir) == 2
+  err = capsys.readouterr().err
+  _one_error_line(err, workdir, 'holds a run with other settings')
+  assert words in err and 'on_mismatch=fresh' in err, err
+  assert _digests(workdir, before) == before
+
+
+def test_rerun_with_output_only_changes_resumes(tmp_path, no_model):
+  d, workdir = _fake_previous_run(tmp_path)
+  config = _config(d, {'train.checkpoint_every': 7, 'output.images': False})
+  config.weights.cache_dir = str(tmp_path / 'cache')
+  with pytest.raises(AssertionError, match='a model was built'):  # got past the check
+    main.run(config, workdir)
+
+
+def test_rerun_with_on_mismatch_fresh_starts_in_a_new_subfolder(tmp_path, no_model):
+  d, workdir = _fake_previous_run(tmp_path)
+  before = _digests(workdir, ['config.json', main.FINGERPRINT])
+  for _ in range(2):  # the same command again resumes the same subfolder
+    with pytest.raises(AssertionError, match='a model was built'):
+      main.run(_config(d, {'train.learning_rate': 0.5, 'train.on_mismatch': 'fresh'}), workdir)
+  assert _digests(workdir, before) == before
+  assert not os.path.exists(os.path.join(workdir, 'rerun-2'))
+  with open(os.path.join(workdir, 'rerun-1', 'config.json')) as f:
+    assert json.load(f)['train']['learning_rate'] == 0.5
+
+
+# ---- The work directory's lock (issue 14, case 13) ----
+
+_HOLD_LOCK = ('import fcntl, os, sys, time\n'
+              'fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n'
+              'fcntl.flock(fd, fcntl.LOCK_EX)\n'
+              'os.write(fd, f"{os.getpid()}\\n".encode())\n'
+              'print("locked", flush=True)\n'
+              'time.sleep(120)\n')
+
+
+def test_second_run_into_a_locked_workdir_exits_2_naming_the_holder(tmp_path, capsys, no_model):
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(workdir / main.LOCK)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'locked\n'
+    d = os.path.dirname(_group(str(tmp_path / 'data' / 'grp')))
+    assert main.run_cli(_config(d, {}), str(workdir)) == 2
+    _one_error_line(capsys.readouterr().err, str(workdir), f'in use by another run (pid {holder.pid})')
+    assert os.listdir(workdir) == [main.LOCK]  # nothing written, the holder's log untouched
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_lock_is_released_on_any_exit(tmp_path, capsys, no_model):
+  import fcntl
+  workdir = str(tmp_path / 'work')
+  d = str(tmp_path / 'data')
+  _group(os.path.join(d, 'grp'))
+  bad = os.path.join(d, 'grp', 'images', 'img1.png')
+  _write(bad, b'')
+  assert main.run_cli(_config(d, {}), workdir) == 2  # an error inside the locked section
+  with open(os.path.join(workdir, main.LOCK), 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+  with open(os.path.join(workdir, main.LOCK)) as f:
+    assert f.read().strip() == str(os.getpid())
+
+
+# ---- Disk full (issue 14, case 7) ----
+
+def test_disk_full_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, no_model):
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(fileio.tempfile, 'mkstemp', no_space)
+  d = os.path.dirname(_group(str(tmp_path / 'data' / 'grp')))
+  workdir = str(tmp_path / 'work')
+  assert main.run_cli(_config(d, {}), workdir) == 2
+  _one_error_line(capsys.readouterr().err, os.path.join(workdir, main.FINGERPRINT),
+                  'the disk is full')
+
+
+def _tmpfs(path, size):
+  os.makedirs(path)
+  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', path],
+                        capture_output=True)
+  if proc.returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root); the monkeypatched ENOSPC tests cover it')
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_on_a_real_tmpfs(tmp_path, capsys):
+  workdir = str(tmp_path / 'small')
+  _tmpfs(workdir, '3m')
+  try:
+    d = os.path.dirname(_group(str(tmp_path / 'data' / 'grp')))
+    code = main.run_cli(_config(d, {'infer.method': 'argmax'}), workdir)
+    err = capsys.readouterr().err
+    leftovers = [os.path.join(p, n) for p, dirs, files in os.walk(workdir)
+                 for n in dirs + files if 'orbax-checkpoint-tmp' in n or n.startswith('.tmp-')]
+  finally:
+    if subprocess.run(['umount', workdir]).returncode:
+      subprocess.run(['umount', '-l', workdir])
+  assert code == 2
+  lines = err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'the disk is full' in lines[0], err
+  assert not leftovers
+
+
+# ---- Scores, images and names (issue 14, cases 4, 9, 11) ----
+
+def test_images_with_nothing_to_score_have_null_scores():
+  pred = [np.ones((8, 8), np.uint8)] * 2
+  ignore = [np.full((8, 8), 255, np.uint8)] * 2
+  g = metrics.score_group(pred, ignore, 1, fixed_background=True, names=['a', 'b'])
+  assert [im['J'] for im in g['images']] == [None, None]
+  assert [im['P'] for im in g['images']] == [None, None]
+  assert g['J'] is None and g['P'] is None and g['unscored'] == ['a', 'b']
+  assert 'nothing to score' in g['note']
+  assert 'nothing to score' in metrics.format_table(metrics.summarize({'grp': g}))
+  # One such image among scorable ones: left out of the means, named.
+  gt = [np.ones((8, 8), np.uint8), ignore[0]]
+  g = metrics.score_group(pred, gt, 1, fixed_background=True, names=['a', 'b'])
+  assert g['images'][0]['J'] == 1.0 and g['J'] == 1.0 and g['unscored'] == ['b']
+  assert 'note' not in g
+
+
+def test_float_tiff_in_0_1_is_scaled_not_black(tmp_path):
+  values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+  path = str(tmp_path / 'f.tif')
+  _float_tiff(path, values)
+  image = data.read_image(path)
+  assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
+  np.testing.assert_array_equal(image[..., 0], np.round(values * 255).astype(np.uint8))
+
+
+@pytest.mark.slow
+def test_odd_file_names_are_escaped_in_every_output(tmp_path):
+  d = str(tmp_path / 'data')
+  g = _group(os.path.join(d, 'grp'))
+  os.rename(os.path.join(g, 'images', 'img1.png'), os.path.join(g, 'images', 'a\nb.png'))
+  os.rename(os.path.join(g, 'masks', 'img1.png'), os.path.join(g, 'masks', 'a\nb.png'))
+  gb = os.fsencode(g)
+  os.rename(os.path.join(gb, b'images', b'img2.png'), os.path.join(gb, b'images', b'\xff.png'))
+  os.rename(os.path.join(gb, b'masks', b'img2.png'), os.path.join(gb, b'masks', b'\xff.png'))
+  workdir = str(tmp_path / 'work')
+  config = _config(d, {'baseline': 'cluster', 'infer.method': 'argmax'})
+  assert main.run_cli(config, workdir) == 0
+  assert os.path.exists(os.path.join(workdir, 'grp', 'contact_sheet.png'))
+  with open(os.path.join(workdir, 'report.html'), encoding='utf-8') as f:
+    html_text = f.read()
+  assert '\\xff' in html_text
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    names = [im['name'] for im in json.load(f)['groups']['grp']['images']]
+  assert 'a\nb' in names
+
+
+# ---- The whole story through the real trainer (issue 14, cases 1, 12) ----
+
+@pytest.mark.slow
+def test_rerun_resumes_only_the_same_run(tmp_path, capsys):
+  d = os.path.dirname(_group(str(tmp_path / 'data' / 'grp')))
+  workdir = str(tmp_path / 'work')
+  base = {'infer.method': 'argmax', 'output.images': False}
+  assert main.run_cli(_config(d, base), workdir) == 0
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    first = json.load(f)
+  capsys.readouterr()
+  # Another learning rate or K: one line, nothing reused or overwritten (no orbax errors).
+  for change in ({'train.learning_rate': 0.5}, {'num_classes': 3}):
+    before = _digests(workdir, ['config.json', 'metrics.json', main.FINGERPRINT])
+    assert main.run_cli(_config(d, {**base, **change}), workdir) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and next(iter(change)) in err, err
+    assert _digests(workdir, before) == before
+  # The same settings: resumed from the finished checkpoint, same metrics, log not doubled.
+  assert main.run_cli(_config(d, base), workdir) == 0
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f) == first
+  steps = [json.loads(l)['step'] for l in open(os.path.join(workdir, 'grp', 'loss.jsonl'))]
+  assert steps == [1]
+  # on_mismatch=fresh: trained again in its own subfolder.
+  assert main.run_cli(_config(d, {**base, 'train.learning_rate': 0.5,
+                                  'train.on_mismatch': 'fresh'}), workdir) == 0
+  assert os.path.exists(os.path.join(workdir, 'rerun-1', 'grp', 'checkpoints'))
+  assert os.path.exists(os.path.join(workdir, 'rerun-1', 'metrics.json'))

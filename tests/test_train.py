@@ -200,3 +200,138 @@ def test_step_donates_its_state_only_off_cpu():
   assert 'tf.aliasing_output' not in step.lower(*args).as_text()
   new_state, _, _ = step(*args)
   assert int(new_state['step']) == 1 and not state['params']['w'].is_deleted()
+
+
+# ---- issue 14: a diverged or failed fit leaves nothing to resume from ----
+
+@jax.custom_vjp
+def _nan_gradient_if(flag, b):
+  """0 with a NaN gradient for `b` where any `flag` is set: a loss that stays finite while
+  its update is not (the NaN-learning-rate case, reached without one)."""
+  del flag
+  return jnp.zeros_like(b).sum()
+
+
+def _nan_fwd(flag, b):
+  return _nan_gradient_if(flag, b), (flag, b)
+
+
+def _nan_bwd(res, g):
+  flag, b = res
+  return jnp.zeros_like(flag), jnp.where(flag.any(), jnp.nan, 0.0) * g * jnp.ones_like(b)
+
+
+_nan_gradient_if.defvjp(_nan_fwd, _nan_bwd)
+
+
+def _poisoned_last_step(tc):
+  """Data whose only item first seen in the last step of a 1-epoch run poisons that step."""
+  d = _data()
+  steps = train.steps_per_epoch(len(d['x']), tc.batch_size)
+  seen_before = {int(i) for s in range(steps - 1)
+                 for i in train.batch_indices(len(d['x']), tc.batch_size, tc.seed, s)}
+  last = set(int(i) for i in train.batch_indices(len(d['x']), tc.batch_size, tc.seed, steps - 1))
+  poison = np.zeros((len(d['x']),), np.float32)
+  poison[sorted(last - seen_before)] = 1.0
+  assert poison.any()
+  return dict(d, poison=poison)
+
+
+def _poisoned_loss(params, frozen, batch):
+  loss, aux = _loss(params, frozen, batch)
+  return loss + _nan_gradient_if(batch['poison'], params['b']), aux
+
+
+def test_nan_update_on_the_last_step_writes_no_checkpoint_and_is_not_resumed(tmp_path):
+  tc = train.TrainConfig(epochs=1, batch_size=2, learning_rate=0.3, weight_decay=0.0,
+                         checkpoint_every=1000, seed=3)
+  kwargs = dict(ckpt_dir=str(tmp_path / 'ckpt'), log_path=str(tmp_path / 'loss.jsonl'), quiet=True)
+  fit = lambda: train.fit(_poisoned_loss, _params(), {'scale': jnp.ones(())},
+                          _poisoned_last_step(tc), tc, **kwargs)
+  with pytest.raises(DivergedError, match='loss is nan at step 3'):
+    fit()
+  assert os.listdir(tmp_path / 'ckpt') == []  # the final checkpoint held the NaN weights
+  steps = [json.loads(l)['step'] for l in open(tmp_path / 'loss.jsonl')]
+  assert steps == [1, 2]
+  with pytest.raises(DivergedError, match='at step 3'):  # trains again, not resumed
+    fit()
+  assert os.listdir(tmp_path / 'ckpt') == []
+
+
+def test_checkpoint_manager_is_closed_when_the_run_diverges(tmp_path, monkeypatch):
+  real = train.ocp.CheckpointManager
+  managers = []
+
+  class Recording(real):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self.closed = False
+      managers.append(self)
+
+    def close(self):
+      self.closed = True
+      super().close()
+
+  monkeypatch.setattr(train.ocp, 'CheckpointManager', Recording)
+
+  def bad_loss(params, frozen, batch):
+    loss, aux = _loss(params, frozen, batch)
+    return loss * jnp.where(params['b'][0] != 0, jnp.nan, 1.0), aux
+
+  tc = train.TrainConfig(epochs=2, batch_size=2, learning_rate=0.3, weight_decay=0.0,
+                         checkpoint_every=1, seed=3)
+  with pytest.raises(DivergedError):  # step 1 is being saved when step 2 diverges
+    _fit(tmp_path, bad_loss, tc)
+  assert managers and all(m.closed for m in managers)
+  assert not [n for n in os.listdir(tmp_path / 'ckpt') if 'tmp' in n]
+
+
+def test_loss_log_is_trimmed_to_step_0_without_a_checkpoint(tmp_path):
+  # A run killed before its first checkpoint left steps 1..3; the rerun starts at 0.
+  with open(tmp_path / 'loss.jsonl', 'w') as f:
+    for step in (1, 2, 3):
+      f.write(json.dumps({'step': step, 'loss': 1.0}) + '\n')
+    f.write('{"step": 4, "lo')  # cut short by the kill
+  _fit(tmp_path)
+  steps = [json.loads(l)['step'] for l in open(tmp_path / 'loss.jsonl')]
+  assert steps == list(range(1, 10))
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_partial_step(tmp_path,
+                                                                              monkeypatch):
+  import errno
+  from coseg_jax.core.errors import InputError
+
+  def no_space(self, step, *args, **kwargs):
+    os.makedirs(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp-1234'))
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(train.ocp.CheckpointManager, 'save', no_space)
+  with pytest.raises(InputError, match='ckpt: cannot write: the disk is full'):
+    _fit(tmp_path)
+  assert os.listdir(tmp_path / 'ckpt') == []
+
+
+def test_checkpoint_of_another_model_is_one_line(tmp_path):
+  _fit(tmp_path)
+  from coseg_jax.core.errors import InputError
+  wider = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros((3,))}
+  with pytest.raises(InputError, match='does not fit this model') as info:
+    train.fit(lambda p, f, b: (jnp.sum(p['w']) + jnp.sum(p['b']), {}), wider,
+              {'scale': jnp.ones(())}, _data(), TC, ckpt_dir=str(tmp_path / 'ckpt'),
+              log_path=str(tmp_path / 'loss.jsonl'), quiet=True)
+  assert '\n' not in str(info.value)
+
+
+def test_checkpoint_with_non_finite_weights_is_never_resumed(tmp_path):
+  # Older versions saved the weights of a diverged last step.
+  from coseg_jax.core.errors import InputError
+  tc = train.TrainConfig(epochs=1, batch_size=2, learning_rate=0.3, weight_decay=0.0, seed=3)
+  optimizer = train.make_optimizer(tc)
+  params = {'w': jnp.full((4, 1), jnp.nan), 'b': jnp.zeros((1,))}
+  state = {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.array(3, jnp.int32)}
+  with train.ocp.CheckpointManager(str(tmp_path / 'ckpt')) as mngr:
+    mngr.save(3, args=train.ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+  with pytest.raises(InputError, match='holds non-finite weights'):
+    _fit(tmp_path, tc=tc)

@@ -11,25 +11,41 @@ from absl import flags
 from ml_collections import config_dict
 
 from coseg_jax.core.errors import InputError
+from coseg_jax.core.errors import one_line
 
 
 def usage_error(message):
-  print(f'error: {message}', file=sys.stderr)
+  print(f'error: {one_line(message)}', file=sys.stderr)
   sys.exit(2)
 
 
-def _config_problem(argv):
-  """One line for a config file or override that ml_collections reports with a traceback."""
+def _config_args(argv):
+  """The --config file named in `argv` (None if absent) and the fields overridden."""
   path, keys = None, []
   for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
     if arg.startswith('--config='):
       path = arg.partition('=')[2]
     elif arg == '--config' and i + 1 < len(argv):
       path = argv[i + 1]
     elif arg.startswith('--config.'):
       keys.append(arg[len('--config.'):].partition('=')[0])
+  # ml_collections passes 'file.py:arg' on to get_config; only the file matters here.
+  if path and not os.path.isfile(path) and ':' in path:
+    path = path.rpartition(':')[0]
+  return path, keys
+
+
+def _config_problem(argv, keys_too=True):
+  """One line for a config file or override that ml_collections reports with a traceback."""
+  path, keys = _config_args(argv)
+  if path is None:
+    return None  # absl reports the missing required flag
   try:
-    check_keys(load_config(path), keys, path)
+    config = load_config(path)
+    if keys_too:
+      check_keys(config, keys, path)
   except InputError as e:
     return str(e)
   return None
@@ -71,8 +87,15 @@ def check_keys(config, keys, config_path):
       node = node[part]
 
 
-def parse_flags(argv, config_flag):
-  """absl's flag parsing with one-line errors; `config_flag` is the DEFINE_config_file holder."""
+def parse_flags(argv, config_flag=None):
+  """absl's flag parsing with one-line errors; `config_flag` is the DEFINE_config_file
+  holder (None: --config is a plain path, as in bin/sweep.py)."""
+  if config_flag is not None:
+    # ml_collections loads the file while parsing flags and reports a missing file (with
+    # overrides), a syntax error or a get_config that raises with a traceback: check first.
+    problem = _config_problem(argv, keys_too=False)
+    if problem:
+      usage_error(problem)
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
@@ -80,6 +103,6 @@ def parse_flags(argv, config_flag):
   except (AttributeError, KeyError) as e:  # ml_collections: no such config field
     usage_error(_config_problem(argv) or ' '.join(str(e).split()))
   # A config file that fails to load is only reported when the config is first read.
-  if not isinstance(config_flag.value, config_dict.ConfigDict):
+  if config_flag is not None and not isinstance(config_flag.value, config_dict.ConfigDict):
     usage_error(_config_problem(argv) or 'cannot load the --config file')
   return rest

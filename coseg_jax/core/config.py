@@ -82,6 +82,7 @@ def check_shared(config):
   r('train.eps', 0, above=True)
   r('train.checkpoint_every', 1, integer=True)
   r('train.max_checkpoints', 1, integer=True)
+  errors.check_one_of('train.on_mismatch', config.train.on_mismatch, ('stop', 'fresh'))
 
 
 def multiclass():
@@ -158,6 +159,10 @@ def multiclass():
   # Save a checkpoint every this many steps (and at the end); resume from the latest.
   c.train.checkpoint_every = 50
   c.train.max_checkpoints = 2
+  # A rerun into a work directory whose fingerprint.json records other settings or
+  # inputs: 'stop' (one line naming the differences) or 'fresh' (start over in a new
+  # subfolder <workdir>/rerun-<n>; the earlier run is left as it was).
+  c.train.on_mismatch = 'stop'
 
   c.infer = config_dict.ConfigDict()
   # 'crf' (dense CRF, Tables 6-7) or 'argmax' (Eq. 9), both after Eq. 8 normalisation.
@@ -236,6 +241,10 @@ def instance():
   c.train.eps = 1e-8
   c.train.checkpoint_every = 50
   c.train.max_checkpoints = 2
+  # A rerun into a work directory whose fingerprint.json records other settings or
+  # inputs: 'stop' (one line naming the differences) or 'fresh' (start over in a new
+  # subfolder <workdir>/rerun-<n>; the earlier run is left as it was).
+  c.train.on_mismatch = 'stop'
 
   c.proposals = config_dict.ConfigDict()
   # 'builtin' (hierarchical superpixel grouping) or 'folder' (.mat / HDF5 per image).

@@ -124,6 +124,8 @@ def load_group(path, *, num_classes=None, need='none', min_images=1) -> Group:
 def read_image(path) -> np.ndarray:
   """uint8 HxWx3 RGB with EXIF orientation applied."""
   im = _open(path, exif=True)
+  if im.mode == 'F':
+    return _float_image(path, np.asarray(im, np.float64))
   if im.mode.startswith('I'):
     # 16-bit grey: PIL's convert('RGB') would clip at 255 instead of scaling.
     grey = np.clip(np.round(np.asarray(im, np.float64) / 257), 0, 255).astype(np.uint8)
@@ -134,9 +136,26 @@ def read_image(path) -> np.ndarray:
   return np.array(im.convert('RGB'))
 
 
+def _float_image(path, grey_HxW):
+  """A 32-bit float (grey) image: values in 0..1 are scaled to 0..255, values in 0..255
+  kept; anything else has no agreed meaning and is rejected."""
+  finite = np.isfinite(grey_HxW).all()
+  lo, hi = (grey_HxW.min(), grey_HxW.max()) if finite else (np.nan, np.nan)
+  if finite and lo >= 0 and hi <= 1:
+    grey_HxW = grey_HxW * 255
+  elif not (finite and lo >= 0 and hi <= 255):
+    raise InputError(f'{path}: floating-point image with values {lo:.4g}..{hi:.4g}; expected '
+                     '0..1 (or 0..255): save it as 8- or 16-bit')
+  grey = np.clip(np.round(grey_HxW), 0, 255).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def read_label_png(path) -> np.ndarray:
   """Integer HxW values of a single-channel PNG (palette PNGs give indices)."""
   im = _open(path, exif=False)
+  if im.format == 'JPEG':
+    raise InputError(f'{path}: mask looks lossy: it is JPEG-compressed, which alters label '
+                     'values; save label masks as PNG')
   if im.mode not in ('L', 'P', '1') and not im.mode.startswith('I'):
     raise InputError(f'{path}: must be a single-channel (grey or palette) PNG, got mode {im.mode}')
   return np.asarray(im).astype(np.int32)
@@ -274,7 +293,10 @@ def _check_labels(path, labels, max_label):
   if bad.any():
     values = ', '.join(str(v) for v in np.unique(labels[bad])[:5])
     allowed = '0..255' if max_label is None else f'0..{max_label} or {IGNORE_LABEL} (ignore)'
-    raise InputError(f'{path}: unknown label(s) {values}; expected {allowed}')
+    hint = ''
+    if len(np.unique(labels[bad])) > 3:  # JPEG ringing leaves many stray values near edges
+      hint = ' (the mask looks lossy: was it ever saved as JPEG?)'
+    raise InputError(f'{path}: unknown label(s) {values}; expected {allowed}{hint}')
 
 
 def _read_binary(path, image_path, image):

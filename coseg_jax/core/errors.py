@@ -16,6 +16,19 @@ class DivergedError(Exception):
   """The loss became NaN/Inf; the run stops before writing outputs from a broken model."""
 
 
+def escape_surrogates(text):
+  """`text` with the lone surrogates of a non-UTF-8 file name (Python's surrogateescape)
+  written as `\\xNN`, so it can be printed and written as UTF-8."""
+  return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+def one_line(text):
+  """`text` as one printable line: control characters (a newline in a file name could
+  forge a second error line) and undecodable bytes escaped as `repr` would."""
+  text = escape_surrogates(text)
+  return ''.join(repr(ch)[1:-1] if not ch.isprintable() and ch != ' ' else ch for ch in text)
+
+
 def check_one_of(field, value, allowed):
   """InputError naming the config field when `value` is not one of `allowed`."""
   if value not in allowed:

@@ -1,12 +1,40 @@
 """Atomic output writers: a crash or a full disk never leaves a half-written file."""
 import json
 import os
+import errno
 import tempfile
 
 import numpy as np
 from PIL import Image
 
 from coseg_jax.core import errors
+from coseg_jax.core.errors import InputError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(e):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def is_disk_full(e):
+  """Whether `e` or an exception in its chain is a full disk (or exceeded quota)."""
+  return any(isinstance(x, OSError) and x.errno in DISK_FULL or 'No space left on device' in str(x)
+             for x in _chain(e))
+
+
+def disk_full(path, e=None):
+  """The one-line error for a file that could not be written because the disk is full:
+  the file the OSError in `e`'s chain names, else `path`."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.filename:
+      path = os.fsdecode(x.filename)
+      break
+  return InputError(f'{path}: cannot write: the disk is full (No space left on device)')
 
 
 def atomic_write_bytes(path, data: bytes):
@@ -15,8 +43,9 @@ def atomic_write_bytes(path, data: bytes):
   errors.raise_if_interrupted()
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
+  tmp = None
   try:
+    fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
     # mkstemp makes 0600 files; outputs get the permissions a plain open() would give.
@@ -24,9 +53,11 @@ def atomic_write_bytes(path, data: bytes):
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+  except BaseException as e:
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
+    if is_disk_full(e):
+      raise disk_full(path) from None
     raise
 
 

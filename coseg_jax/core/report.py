@@ -20,6 +20,7 @@ from PIL import ImageDraw
 from PIL import ImageFont
 
 from coseg_jax.core import data
+from coseg_jax.core import errors
 from coseg_jax.core import fileio
 from coseg_jax.core import visualize
 from coseg_jax.core.errors import InputError
@@ -62,7 +63,7 @@ pre{background:#fff;border:1px solid #ddd;padding:8px;overflow-x:auto;font-size:
 def write(workdir) -> str:
   """Writes <workdir>/report.html (atomically); returns its path."""
   path = os.path.join(workdir, REPORT_NAME)
-  fileio.atomic_write_text(path, build(workdir))
+  fileio.atomic_write_text(path, errors.escape_surrogates(build(workdir)))
   return path
 
 
@@ -412,4 +413,5 @@ def _tail(path, n):
 
 
 def _esc(v):
-  return html.escape(str(v))
+  """HTML-escaped text; a file name that is not valid UTF-8 shows its bytes as \\xNN."""
+  return html.escape(errors.escape_surrogates(str(v)))

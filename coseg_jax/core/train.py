@@ -13,6 +13,7 @@ the frozen tree are replicated. GSPMD inserts the gathers that mutual attention 
 """
 import dataclasses
 import functools
+import glob
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from coseg_jax.core import errors
 from coseg_jax.core import fileio
 from coseg_jax.core import progress
 from coseg_jax.core.errors import DivergedError
+from coseg_jax.core.errors import InputError
 
 log = logging.getLogger('coseg_jax')
 
@@ -256,16 +258,44 @@ class Trainer:
                  'step': jnp.zeros((), jnp.int32)}, mesh)
     frozen = put(frozen, mesh)
     chief = jax.process_index() == 0
-
+    ckpt_dir = os.path.abspath(ckpt_dir)
     mngr = ocp.CheckpointManager(
-        os.path.abspath(ckpt_dir),
-        options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
+        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
+    # Closed on every way out (a divergence or an interrupt while a save is in flight
+    # included), so no orbax thread is left to fail at exit.
+    try:
+      result = self._fit(mngr, state, frozen, data, ckpt_dir=ckpt_dir, log_path=log_path,
+                         total=total, per_epoch=per_epoch, chief=chief, quiet=quiet, desc=desc)
+    except BaseException as e:
+      _close_quietly(mngr)
+      _remove_partial_checkpoints(ckpt_dir)
+      if fileio.is_disk_full(e):
+        raise fileio.disk_full(ckpt_dir, e) from None
+      raise
+    mngr.close()
+    return result
+
+  def _fit(self, mngr, state, frozen, data, *, ckpt_dir, log_path, total, per_epoch, chief,
+           quiet, desc):
+    tc, mesh = self.tc, self.mesh
+    num_items = len(next(iter(data.values())))
     latest = mngr.latest_step()
     if latest is not None:
-      state = mngr.restore(latest, args=ocp.args.StandardRestore(state))
+      try:
+        state = mngr.restore(latest, args=ocp.args.StandardRestore(state))
+      except (ValueError, TypeError, KeyError) as e:  # shapes or tree of another model
+        reason = ' '.join(str(e).split())[:200]
+        raise InputError(f'{ckpt_dir}: checkpoint {latest} does not fit this model (another '
+                         f'config wrote it?): {reason}') from None
+      if not all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state['params'])):
+        # Written by an older version that saved diverged weights; never resume them.
+        raise InputError(f'{ckpt_dir}: checkpoint {latest} holds non-finite weights (a '
+                         'diverged run); delete the folder to train again')
       log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
-      if chief:
-        _rewrite_log_upto(log_path, latest)
+    if chief:
+      # Records after the resumed step (all of them without a checkpoint) are from a run
+      # that was killed before its next checkpoint: this run writes them again.
+      _rewrite_log_upto(log_path, 0 if latest is None else latest)
     start = int(state['step'])
 
     history = []
@@ -289,8 +319,13 @@ class Trainer:
       rec = {'step': step + 1, 'epoch': step // per_epoch + 1, 'loss': loss,
              **{k: float(v) for k, v in aux.items()}}
       history.append(rec)
-      log_file.write(json.dumps(rec) + '\n')
-      log_file.flush()
+      try:
+        log_file.write(json.dumps(rec) + '\n')
+        log_file.flush()
+      except OSError as e:
+        if fileio.is_disk_full(e):
+          raise fileio.disk_full(log_path) from None
+        raise
       running = loss if running is None else 0.9 * running + 0.1 * loss
       pbar.set_postfix(loss=f'{running:.4f}')
       pbar.update(1)
@@ -315,8 +350,24 @@ class Trainer:
           raise KeyboardInterrupt
       settle()
     mngr.wait_until_finished()
-    mngr.close()
     return state['params'], history
+
+
+def _close_quietly(mngr):
+  """Waits for (and drops the error of) a save still in flight and closes the manager, so
+  a failure shows once, here, rather than in orbax threads at exit."""
+  for action in (mngr.wait_until_finished, mngr.close):
+    try:
+      action()
+    except Exception:  # noqa: BLE001 -- the error that got us here is the one reported
+      pass
+
+
+def _remove_partial_checkpoints(ckpt_dir):
+  """orbax writes a step into <step>.orbax-checkpoint-tmp* and renames it when complete."""
+  import shutil
+  for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, devices=None, **kwargs):

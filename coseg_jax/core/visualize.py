@@ -8,6 +8,7 @@ from PIL import ImageFont
 from scipy import ndimage
 
 from coseg_jax.core import data
+from coseg_jax.core import errors
 from coseg_jax.core import fileio
 
 _BACKGROUND_GREY = (40, 40, 40)
@@ -119,6 +120,8 @@ def _font(size):
 
 
 def _draw_label(draw, xy, text, font):
+  # A file name may hold a newline (PIL cannot measure multi-line text) or undecodable bytes.
+  text = errors.one_line(text)
   x, y = xy
   draw.rectangle([x, y, x + draw.textlength(text, font=font) + 4, y + font.size + 4], fill=(0, 0, 0))
   draw.text((x + 2, y + 2), text, fill=(255, 255, 255), font=font)
@@ -132,6 +135,7 @@ def _with_legend(image_float, entries):
   font = _font(max(10, min(im.size) // 24))
   draw = ImageDraw.Draw(im)
   pad, swatch = 3, font.size
+  entries = [(colour, errors.one_line(text)) for colour, text in entries]  # class names
   text_width = max(draw.textlength(text, font=font) for _, text in entries)
   draw.rectangle([0, 0, 3 * pad + swatch + text_width, pad + len(entries) * (swatch + pad)], fill=(0, 0, 0))
   for i, (colour, text) in enumerate(entries):

@@ -243,12 +243,16 @@ def check_config(config):
       raise InputError(f'{folder}: {section} folder does not exist (config.{section}.folder)')
 
 
-def run(config, workdir):
+def run(config, workdir, start=None):
+  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
+  fingerprint, writes config.json; returns the work directory to write into), then work."""
   check_config(config)
   min_images = 1 if config.baseline == 'saliency' else config.data.batch_size
   # Every group is read and validated before anything trains.
   groups = [data.load_group(path, need='none', min_images=min_images)
             for path in demo.group_paths(config, workdir)]
+  if start is not None:
+    workdir = start(groups)
   net = features = None
   summary = {'method': 'DeepCO3', 'saliency_prior': config.saliency.prior, 'backbone': None,
              'proposals': config.proposals.source}

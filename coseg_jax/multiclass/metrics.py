@@ -7,7 +7,9 @@ summed IoU of the group's pooled confusion matrix; every image is then scored wi
 
 IoU of a class absent from both prediction and ground truth is undefined (None): it is
 skipped in per-image and pooled means. An image whose ground truth and prediction are both
-all background has J = 1 (nothing to find, nothing found). Values are Python floats or None
+all background has J = 1 (nothing to find, nothing found); an image whose ground truth is
+255 everywhere has no score (P = J = None, named in the group's 'unscored'), and a group of
+only such images says so in its 'note'. Values are Python floats or None
 so the result goes straight into metrics.json.
 """
 import numpy as np
@@ -90,11 +92,18 @@ def score_group(preds, gts, num_classes, *, fixed_background, names=None):
     images.append({
         'name': name,
         'P': float(np.trace(conf) / valid) if valid else None,
-        'J': 1.0 if j is None else j,
+        # Nothing to score (every pixel ignored): no score, not a perfect one.
+        'J': None if not valid else 1.0 if j is None else j,
         'iou': iou,
     })
   class_iou = _class_ious(pooled)
-  return {
+  unscored = [im['name'] for im in images if im['P'] is None]
+  notes = {}
+  if unscored:
+    notes['unscored'] = unscored
+    if len(unscored) == len(images):
+      notes['note'] = 'nothing to score: every ground-truth pixel is 255 (ignore)'
+  return {**notes,
       'images': images,
       'class_iou': class_iou,
       'P': _mean([im['P'] for im in images]),
@@ -126,7 +135,8 @@ def format_table(metrics):
   iou_head = ''.join(f' {"IoU" + str(k):>6}' for k in range(1, num_labels))
   lines = [f'{"":{width}} {"P":>6} {"J":>6}{iou_head}']
   for name, g in groups.items():
-    lines.append(f'[{name}] mapping pred->gt {g["mapping"]}')
+    lines.append(f'[{name}] mapping pred->gt {g["mapping"]}'
+                 + (f' ({g["note"]})' if g.get('note') else ''))
     for im in g['images']:
       ious = ''.join(f' {_fmt(v)}' for v in im['iou'][1:])
       lines.append(f'{im["name"]:{width}} {_fmt(im["P"])} {_fmt(im["J"])}{ious}')

@@ -297,7 +297,9 @@ def _lite0_input(config, backbone):
   return dataclasses.replace(backbone, preprocessing=config.model.lite0_input)
 
 
-def run(config, workdir):
+def run(config, workdir, start=None):
+  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
+  fingerprint, writes config.json; returns the work directory to write into), then work."""
   check_config(config)
   if config.num_classes is None and config.data.root is None:
     config = config.copy_and_resolve_references()
@@ -315,6 +317,8 @@ def run(config, workdir):
                       min_images=config.data.batch_size)
   ks = sorted(set(group_k.values()))
   k = ks[0] if len(ks) == 1 else group_k
+  if start is not None:
+    workdir = start(groups)
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
