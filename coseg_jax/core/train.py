@@ -237,8 +237,9 @@ class Trainer:
       frozen: pytree passed through unchanged (e.g. the frozen extractor's weights).
       data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
       ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
+        None: no checkpoints (the Python API without a work directory).
       log_path: JSONL file, one record per step (step, epoch, loss, aux); written by
-        process 0 only.
+        process 0 only. None: not written.
 
     Returns:
       (params, history) where history is the list of per-step loss records of this call.
@@ -257,7 +258,7 @@ class Trainer:
     frozen = put(frozen, mesh)
     chief = jax.process_index() == 0
 
-    mngr = ocp.CheckpointManager(
+    mngr = _NoCheckpoints() if ckpt_dir is None else ocp.CheckpointManager(
         os.path.abspath(ckpt_dir),
         options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
     latest = mngr.latest_step()
@@ -295,7 +296,7 @@ class Trainer:
       pbar.set_postfix(loss=f'{running:.4f}')
       pbar.update(1)
 
-    with _StopRequested() as stop, open(log_path if chief else os.devnull, 'a') as log_file, \
+    with _StopRequested() as stop, open(log_path if chief and log_path else os.devnull, 'a') as log_file, \
         progress.bar(total=total, desc=desc, quiet=quiet or not chief) as pbar:
       pbar.update(start)
       for step in range(start, total):
@@ -317,6 +318,22 @@ class Trainer:
     mngr.wait_until_finished()
     mngr.close()
     return state['params'], history
+
+
+class _NoCheckpoints:
+  """Stands in for orbax's CheckpointManager when `fit` has no checkpoint directory."""
+
+  def latest_step(self):
+    return None
+
+  def save(self, *args, **kwargs):
+    del args, kwargs
+
+  def wait_until_finished(self):
+    pass
+
+  def close(self):
+    pass
 
 
 def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, devices=None, **kwargs):

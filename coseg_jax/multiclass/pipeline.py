@@ -126,10 +126,12 @@ def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperatur
 
 
 def train_generator(config, model, params, images, extractor_vars, group_dir, desc):
-  """Trains one group's generator (resuming from group_dir/checkpoints)."""
+  """Trains one group's generator (resuming from group_dir/checkpoints; group_dir None:
+  in memory only)."""
+  in_dir = lambda name: None if group_dir is None else os.path.join(group_dir, name)
   params, _ = model.trainer.fit(
-      params, extractor_vars, {'image': images}, ckpt_dir=os.path.join(group_dir, 'checkpoints'),
-      log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet, desc=desc)
+      params, extractor_vars, {'image': images}, ckpt_dir=in_dir('checkpoints'),
+      log_path=in_dir('loss.jsonl'), quiet=config.output.quiet, desc=desc)
   return params
 
 
@@ -199,13 +201,23 @@ def check_config(config):
                      f'per mini-batch, got {config.data.batch_size}')
 
 
-def run(config, workdir):
-  check_config(config)
+@dataclasses.dataclass
+class GroupOutput:
+  """What the method gives for one group: soft maps (HxWx(K+1), original size, before
+  Eq. 8), label maps (0 = background), and P/J when the group has masks."""
+  maps: list
+  labels: list
+  scores: dict | None
+
+
+def cosegment_groups(config, groups, workdir=None):
+  """The method on in-memory groups (`data.Group`): (summary, {group name: GroupOutput}).
+
+  bin/run.py and the Python API (coseg_jax.cosegment) both come here. With a work
+  directory, each group's checkpoints, loss log and (config.output.images) pictures go to
+  workdir/<group>; without one nothing is written.
+  """
   k = config.num_classes
-  # Every group is read and validated before anything trains: a bad file in the last
-  # group must not cost the training of the first ones.
-  groups = [data.load_group(path, num_classes=k, min_images=config.data.batch_size)
-            for path in demo.group_paths(config, workdir)]
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
@@ -219,9 +231,9 @@ def run(config, workdir):
   model = None
   if config.baseline == 'none':
     model = Model.build(config, k, encoder, encoder_vars, extractor)
-  results = {}
+  results, outputs = {}, {}
   for group in groups:
-    group_dir = os.path.join(workdir, group.name)
+    group_dir = None if workdir is None else os.path.join(workdir, group.name)
     log.info('group %s: %d images, method %s, inference %s', group.name, len(group.samples),
              method, config.infer.method)
     maps = segment_group(config, group, model, extractor, extractor_vars, group_dir)
@@ -229,8 +241,9 @@ def run(config, workdir):
     scores = score(config, group, labels)
     if scores is not None:
       results[group.name] = scores
-    if config.output.images:
+    if config.output.images and group_dir is not None:
       _write_group_images(group, labels, scores, group_dir)
+    outputs[group.name] = GroupOutput(maps, labels, scores)
 
   summary = {'method': method, 'backbones': backbones_used, 'num_classes': k,
              'inference': config.infer.method, 'groups': {}}
@@ -239,6 +252,16 @@ def run(config, workdir):
     log.info('\n%s', metrics.format_table(summary))
   else:
     log.info('no ground-truth masks found: predictions written, nothing scored')
+  return summary, outputs
+
+
+def run(config, workdir):
+  check_config(config)
+  # Every group is read and validated before anything trains: a bad file in the last
+  # group must not cost the training of the first ones.
+  groups = [data.load_group(path, num_classes=config.num_classes, min_images=config.data.batch_size)
+            for path in demo.group_paths(config, workdir)]
+  summary, _ = cosegment_groups(config, groups, workdir)
   fileio.atomic_write_json(os.path.join(workdir, 'metrics.json'), summary)
   return summary
 
