@@ -72,14 +72,15 @@ def _names(path):
 
 def apply_overrides(config, overrides):
   """Sets each keyword on `config` by name (module docstring); returns {keyword: path}."""
-  paths = _leaf_paths(config)
+  # config.method is which function was called, not a knob: `method` is infer.method.
+  paths = [p for p in _leaf_paths(config) if p != 'method']
   by_name = {}
   for path in paths:
     for name in _names(path):
       by_name.setdefault(name, []).append(path)
   resolved = {}
   for name, value in overrides.items():
-    matches = [name] if name in paths else by_name.get(name, [])
+    matches = [name] if '.' in name and name in paths else by_name.get(name, [])
     if not matches:
       shortest = [next(n for n in _names(p) if len(by_name[n]) == 1) for p in paths]
       close = difflib.get_close_matches(name, shortest, n=3, cutoff=0.6)
