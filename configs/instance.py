@@ -25,8 +25,5 @@ from coseg_jax.core import config as defaults
 
 
 def get_config():
-  config = defaults.instance()
-  config.train.learning_rate = 1e-5  # the fine-tuned ImageNet backbone; 1e-6 is the paper's
-  config.train.head_lr_mult = 100.0  # the saliency head, from zero: 1e-3
-  config.train.epochs = 10
-  return config
+  # The library's defaults are this file's (the Python API, coseg_jax.instances, uses them).
+  return defaults.instance()

@@ -18,6 +18,10 @@ ALLOWED = {
     'instance': {'core', 'backbones', 'instance'},
     'cli': {'core', 'backbones', 'multiclass', 'instance', 'cli'},
 }
+# Top-level modules above the wings, and what they may import.
+TOP_LEVEL = {
+    'api.py': {'core', 'backbones', 'multiclass', 'instance'},  # the Python API, like cli
+}
 WINGS = sorted(ALLOWED)
 
 
@@ -47,6 +51,19 @@ def test_no_wing_imports_a_higher_one(wing):
     assert imported <= ALLOWED[wing], f'{wing}/{name} imports {sorted(imported - ALLOWED[wing])}'
 
 
+@pytest.mark.parametrize('name', sorted(TOP_LEVEL))
+def test_top_level_modules_import_only_their_layers(name):
+  imported = _imported_wings(os.path.join(PACKAGE, name))
+  assert imported and imported <= TOP_LEVEL[name], sorted(imported - TOP_LEVEL[name])
+
+
+def test_the_package_imports_no_module_eagerly():
+  # `import coseg_jax` must stay light: the API comes through a lazy __getattr__.
+  assert _imported_wings(os.path.join(PACKAGE, '__init__.py')) <= {'api'}
+  source = open(os.path.join(PACKAGE, '__init__.py')).read()
+  assert 'def __getattr__' in source
+
+
 def test_the_layering_check_sees_imports():
   # The check above would pass vacuously if it saw no import at all.
   assert _imported_wings(os.path.join(PACKAGE, 'multiclass', 'pipeline.py')) >= {
@@ -55,7 +72,7 @@ def test_the_layering_check_sees_imports():
 
 def test_every_module_is_in_a_wing():
   top = {f for f in os.listdir(PACKAGE) if f.endswith('.py')}
-  assert top == {'__init__.py', 'torch_ref.py'}
+  assert top == {'__init__.py', 'torch_ref.py', *TOP_LEVEL}
   for wing in WINGS:
     assert os.path.isfile(os.path.join(PACKAGE, wing, '__init__.py')), wing
 

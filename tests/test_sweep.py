@@ -48,7 +48,7 @@ def _stub_run(argv):
     sys.exit(130)
 
   signal.signal(signal.SIGTERM, on_sigterm)
-  note(event='start', time=time.time(), quiet=args.get('config.output.quiet'),
+  note(event='start', time=time.time(), quiet=args.get('config.output.quiet'), argv=argv,
        resumed=os.path.exists(os.path.join(workdir, 'checkpoint')),
        env={k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_PREALLOCATE')})
   lr = args['config.train.learning_rate']
@@ -215,6 +215,116 @@ def test_interrupt_forwards_one_sigterm_to_running_runs(tmp_path, monkeypatch):
   assert [c['event'] for c in calls] == ['start', 'terminated']
   assert calls[1]['signum'] == signal.SIGTERM
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+
+
+def test_grid_order_is_stable():
+  specs = ['model.attention=none,sa', 'infer.method=argmax,crf', 'seed=0,1']
+  runs = sweep.expand(sweep.parse_grid(specs))
+  assert runs == sweep.expand(sweep.parse_grid(specs))
+  # First axis slowest, values in the order given: index i is the same on every machine.
+  assert [r.name for r in runs[:3]] == ['attention=none,method=argmax,seed=0',
+                                        'attention=none,method=argmax,seed=1',
+                                        'attention=none,method=crf,seed=0']
+  assert runs[7].overrides == (('model.attention', 'sa'), ('infer.method', 'crf'), ('seed', '1'))
+  lines = sweep.format_list(runs).splitlines()
+  assert len(lines) == 8 and lines[7] == ('7  attention=sa,method=crf,seed=1  '
+                                          '--config.model.attention=sa --config.infer.method=crf '
+                                          '--config.seed=1')
+
+
+def test_bin_sweep_list_and_task_index_from_slurm(tmp_path):
+  base = [sys.executable, os.path.join(ROOT, 'bin', 'sweep.py'), f'--config={CONFIG}',
+          '--grid=model.attention=none,sa', f'--workdir={tmp_path}']
+  listed = subprocess.run(base + ['--list'], capture_output=True, text=True, cwd=ROOT)
+  assert listed.returncode == 0
+  assert listed.stdout.splitlines()[1] == '1  attention=sa  --config.model.attention=sa'
+  env = {**os.environ, 'SLURM_ARRAY_TASK_ID': '2'}
+  bad = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, env=env)
+  assert bad.returncode == 2 and 'task index 2: the grid has 2 runs' in bad.stderr
+
+
+def test_task_index_from_the_schedulers_variables():
+  env = sweep.task_index_from_env
+  assert env({}) is None
+  assert env({'SLURM_ARRAY_TASK_ID': '3'}) == (3, '$SLURM_ARRAY_TASK_ID=3')
+  assert env({'PBS_ARRAY_INDEX': '2'})[0] == 2 and env({'PBS_ARRAYID': '2'})[0] == 2
+  assert env({'SGE_TASK_ID': '1'})[0] == 0 and env({'LSB_JOBINDEX': '4'})[0] == 3  # 1-based
+  assert env({'SGE_TASK_ID': 'undefined'}) is None and env({'LSB_JOBINDEX': '0'}) is None
+  assert env({'AWS_BATCH_JOB_ARRAY_INDEX': '5'})[0] == 5
+  assert env({'CLOUD_RUN_TASK_INDEX': '6'})[0] == 6 and env({'JOB_COMPLETION_INDEX': '1'})[0] == 1
+  assert env({'SGE_TASK_ID': '2', 'SLURM_ARRAY_TASK_ID': '7'})[0] == 7  # SLURM first
+  with pytest.raises(InputError, match='SLURM_ARRAY_TASK_ID=x: not a task index'):
+    env({'SLURM_ARRAY_TASK_ID': 'x'})
+  with pytest.raises(InputError, match='counts from 1'):
+    env({'SGE_TASK_ID': '0'})
+  resolve = sweep.resolve_task_index
+  assert resolve(None, {}) == (None, 'the whole grid')
+  assert resolve(None, {'SLURM_ARRAY_TASK_ID': '1'})[0] == 1
+  assert resolve('all', {'SLURM_ARRAY_TASK_ID': '1'})[0] is None
+  assert resolve('4', {'SLURM_ARRAY_TASK_ID': '1'}) == (4, '--task_index=4')
+  with pytest.raises(InputError, match='none of SLURM_ARRAY_TASK_ID'):
+    resolve('auto', {})
+  with pytest.raises(InputError, match='expected a grid index'):
+    resolve('-1', {})
+
+
+def _argv(workdir):
+  """The stub's argv of the run in `workdir`, with the sweep directory cut out."""
+  (start,) = [c for c in _calls(workdir) if c['event'] == 'start']
+  return [a.replace(os.path.dirname(workdir), 'SWEEP') for a in start['argv']]
+
+
+def test_task_n_is_exactly_the_local_sweeps_run_n(tmp_path):
+  grid = ['train.learning_rate=0.1,0.2', 'seed=0,1']
+  local = str(tmp_path / 'local')
+  sweep.sweep(CONFIG, grid, ['train.epochs=1'], local, STUB)
+  runs = sweep.expand(sweep.parse_grid(grid))
+  for n in (3, 0, 2, 1):  # array tasks start in any order
+    outcomes = sweep.task_sweep(CONFIG, grid, ['train.epochs=1'], str(tmp_path / 'array'), STUB, n)
+    assert [o.run for o in outcomes] == [runs[n]] and outcomes[0].status == 'done'
+  for run in runs:
+    assert _argv(str(tmp_path / 'array' / run.name)) == _argv(os.path.join(local, run.name))
+  with pytest.raises(InputError, match='the grid has 4 runs'):
+    sweep.task_sweep(CONFIG, grid, ['train.epochs=1'], str(tmp_path / 'array'), STUB, 4)
+  # W tasks sharing the grid: task 1 of 3 runs grid points 1 and 4.
+  grid6 = ['train.learning_rate=0.1,0.2,0.3', 'seed=0,1']
+  outcomes = sweep.task_sweep(CONFIG, grid6, [], str(tmp_path / 'w'), STUB, 1, num_tasks=3)
+  runs6 = sweep.expand(sweep.parse_grid(grid6))
+  assert [o.run for o in outcomes] == [runs6[1], runs6[4]]
+
+
+def test_collect_over_a_partial_set_of_runs(tmp_path, capsys):
+  grid = ['train.learning_rate=0.1,0.2,0.3,nan']
+  sdir = str(tmp_path)
+  env = {'SLURM_ARRAY_TASK_ID': '0'}
+  assert sweep.task_cli(CONFIG, grid, [], sdir, STUB, None, environ=env) == 0
+  assert 'sweep task 0 (from $SLURM_ARRAY_TASK_ID=0)' in capsys.readouterr().out
+  assert sweep.task_cli(CONFIG, grid, [], sdir, STUB, '3') == 1         # lr nan fails
+  os.makedirs(os.path.join(sdir, 'learning_rate=0.2'))                  # running (or killed)
+  markdown, by_status = sweep.collect(CONFIG, grid, [], sdir)
+  names = {k: [i for i, _ in v] for k, v in by_status.items()}
+  assert names == {'done': [0], 'started': [1], 'missing': [2], 'failed': [3]}
+  lines = markdown.splitlines()
+  assert lines[2].startswith('| 0.1 | 0.150 |') and lines[3] == '| 0.2 |' + ' - |' * 9
+  assert open(os.path.join(sdir, 'results.md')).read() == markdown
+
+  capsys.readouterr()
+  assert sweep.collect_cli(CONFIG, grid, [], sdir) == 1
+  out = capsys.readouterr().out
+  assert '1 of 4 runs finished' in out
+  assert '   1 learning_rate=0.2: started, no result yet' in out
+  assert '   2 learning_rate=0.3: missing (never started)' in out
+  assert '   3 learning_rate=nan: failed (exit 1): error: train cats: loss is nan at step 1' in out
+  # The failed task rerun (say, after a fix) clears its failure; the rest finish: exit 0.
+  for n in (1, 2):
+    sweep.task_sweep(CONFIG, grid, [], sdir, STUB, n)
+  with open(os.path.join(sdir, 'learning_rate=nan', 'metrics.json'), 'w') as f:
+    json.dump(_stub_metrics(0.5), f)
+  os.unlink(os.path.join(sdir, 'learning_rate=nan', sweep.FAILED_NAME))
+  assert sweep.collect_cli(CONFIG, grid, [], sdir) == 0
+  # Other base settings are refused, as for the sweep itself.
+  with pytest.raises(InputError, match='other settings'):
+    sweep.collect(CONFIG, grid, ['train.epochs=4'], sdir)
 
 
 @pytest.mark.slow

@@ -9,6 +9,12 @@ started again in the same work directory, where the trainer resumes from its las
 checkpoint. SIGINT/SIGTERM to the sweep forward one SIGTERM to the running runs (each
 writes a checkpoint) and stop the sweep. A failed run is reported and the others go on.
 
+On a cluster each grid point is one task of a job array (`task_sweep`): `--task_index=N`
+(by default read from the scheduler's array index variable, ARRAY_INDEX_VARIABLES) runs
+grid point N of `--list` alone into SWEEP/NAME; `--collect` then tabulates whatever has
+finished and names the runs that are missing or failed (a failed run leaves
+SWEEP/NAME/failed.json).
+
 The table has one row per run: its grid values, then the scalar means of its
 metrics.json (`P`, `J`, ... ) and, when runs cover more than one group, the same per
 group (`<group>:P`). It is written as results.md and results.csv in SWEEP.
@@ -185,10 +191,20 @@ def execute(runs, sweep_dir, make_cmd, *, parallel=1, gpus_per_run=0, poll_s=0.2
   return [outcomes[run.name] for run in runs]
 
 
+FAILED_NAME = 'failed.json'
+
+
 def _outcome(run, returncode, workdir):
+  failed_path = os.path.join(workdir, FAILED_NAME)
   if returncode == 0 and is_finished(workdir):
+    if os.path.exists(failed_path):
+      os.unlink(failed_path)
     return Outcome(run, 'done', returncode)
-  return Outcome(run, 'failed', returncode, _last_line(os.path.join(workdir, 'console.log')))
+  outcome = Outcome(run, 'failed', returncode, _last_line(os.path.join(workdir, 'console.log')))
+  # What --collect reports for a run that stopped (another machine may have run it).
+  fileio.atomic_write_json(failed_path, {'returncode': returncode, 'last_line': outcome.last_line,
+                                         'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+  return outcome
 
 
 def _scalars(d):
@@ -259,6 +275,129 @@ def _check_manifest(sweep_dir, config_path, sets, runs):
   fileio.atomic_write_json(path, {**base, 'runs': {r.name: dict(r.overrides) for r in runs}})
 
 
+# Array schedulers' task index variables, read in this order: (variable, its first index).
+# SGE and LSF number array tasks from 1 (grid point = value - 1); the others give the
+# index as submitted, so submit 0..N-1, the indices `--list` prints.
+ARRAY_INDEX_VARIABLES = (
+    ('SLURM_ARRAY_TASK_ID', 0),        # sbatch --array=0-N-1
+    ('PBS_ARRAY_INDEX', 0),            # PBS Pro: qsub -J 0-N-1
+    ('PBS_ARRAYID', 0),                # Torque: qsub -t 0-N-1
+    ('SGE_TASK_ID', 1),                # SGE / UGE: qsub -t 1-N ('undefined' outside arrays)
+    ('LSB_JOBINDEX', 1),               # LSF: bsub -J 'name[1-N]' (0 outside arrays)
+    ('AWS_BATCH_JOB_ARRAY_INDEX', 0),  # AWS Batch array jobs of size N
+    ('CLOUD_RUN_TASK_INDEX', 0),       # Cloud Run jobs, --tasks=N
+    ('JOB_COMPLETION_INDEX', 0),       # Kubernetes Indexed Jobs, completions N
+)
+
+
+def task_index_from_env(environ=None):
+  """(grid index, variable) from the first array index variable set, or None."""
+  environ = os.environ if environ is None else environ
+  for name, first in ARRAY_INDEX_VARIABLES:
+    value = environ.get(name, '').strip()
+    if not value or (name == 'SGE_TASK_ID' and value == 'undefined') or (
+        name == 'LSB_JOBINDEX' and value == '0'):
+      continue
+    if not value.isdigit():
+      raise InputError(f'${name}={value}: not a task index')
+    index = int(value) - first
+    if index < 0:
+      raise InputError(f'${name}={value}: {name} counts from {first}')
+    return index, f'${name}={value}'
+  return None
+
+
+def resolve_task_index(flag_value, environ=None):
+  """`--task_index`: None (flag unset: the array variable if one is set, else the whole
+  grid), 'all' (the whole grid), 'auto' (the array variable, which must be set) or N.
+  Returns (index or None, where it came from)."""
+  if flag_value is None or flag_value == 'auto':
+    found = task_index_from_env(environ)
+    if found is None and flag_value == 'auto':
+      names = ', '.join(n for n, _ in ARRAY_INDEX_VARIABLES)
+      raise InputError(f'--task_index=auto: none of {names} is set')
+    return found if found is not None else (None, 'the whole grid')
+  if flag_value == 'all':
+    return None, '--task_index=all'
+  if not str(flag_value).isdigit():
+    raise InputError(f'--task_index={flag_value}: expected a grid index (see --list), auto or all')
+  return int(flag_value), f'--task_index={flag_value}'
+
+
+def _prepare(config_path, grid_specs, set_specs):
+  config_path = os.path.abspath(config_path)
+  grid, sets = parse_grid(grid_specs), parse_sets(set_specs)
+  flags.check_keys(flags.load_config(config_path), [k for k, _ in grid] + [k for k, _ in sets],
+                   config_path)
+  return config_path, grid, sets, expand(grid)
+
+
+def format_list(runs):
+  """One line per grid point: its index, its run folder, its overrides."""
+  width = len(str(len(runs) - 1))
+  return '\n'.join(f'{i:{width}d}  {r.name}  ' + ' '.join(f'--config.{k}={v}' for k, v in r.overrides)
+                   for i, r in enumerate(runs))
+
+
+def run_status(sweep_dir, run):
+  """'done' | 'failed' | 'started' (folder, no result: running, or killed) | 'missing'."""
+  workdir = os.path.join(sweep_dir, run.name)
+  if is_finished(workdir):
+    return 'done'
+  if os.path.exists(os.path.join(workdir, FAILED_NAME)):
+    return 'failed'
+  return 'started' if os.path.isdir(workdir) else 'missing'
+
+
+def write_tables(runs, sweep_dir, num_grid_keys):
+  columns, rows = table(runs, sweep_dir)
+  markdown = to_markdown(columns, rows, num_grid_keys)
+  fileio.atomic_write_text(os.path.join(sweep_dir, 'results.md'), markdown)
+  fileio.atomic_write_text(os.path.join(sweep_dir, 'results.csv'), to_csv(columns, rows, runs))
+  return markdown
+
+
+def collect(config_path, grid_specs, set_specs, sweep_dir):
+  """The tables of whatever runs of the grid have finished: (markdown, {status: [(index,
+  run)]}) for the statuses of `run_status`."""
+  config_path, grid, sets, runs = _prepare(config_path, grid_specs, set_specs)
+  if not os.path.isdir(sweep_dir):
+    raise InputError(f'{sweep_dir}: no such sweep directory')
+  manifest = os.path.join(sweep_dir, 'sweep.json')
+  if os.path.exists(manifest):
+    with open(manifest) as f:
+      old = json.load(f)
+    if (old.get('config'), old.get('set')) != (config_path, [list(kv) for kv in sets]):
+      raise InputError(f'{manifest}: this sweep was started with other settings '
+                       f'(--config={old.get("config")}, --set {old.get("set")})')
+  by_status = collections.defaultdict(list)
+  for i, run in enumerate(runs):
+    by_status[run_status(sweep_dir, run)].append((i, run))
+  return write_tables(runs, sweep_dir, len(grid)), dict(by_status)
+
+
+def task_sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, task_index, *,
+               num_tasks=None):
+  """Grid point `task_index` alone (a job array's task), into the same SWEEP/NAME and with
+  the same command as `sweep` gives it; with `num_tasks` = W, the grid points
+  task_index, task_index + W, ... one after another. Returns the outcomes."""
+  config_path, grid, sets, runs = _prepare(config_path, grid_specs, set_specs)
+  if task_index >= len(runs) or (num_tasks is not None and not 0 <= task_index < num_tasks):
+    raise InputError(f'task index {task_index}: the grid has {len(runs)} runs (0..{len(runs) - 1}'
+                     + (f'; --num_tasks={num_tasks}' if num_tasks else '') + ')')
+  chosen = runs[task_index::num_tasks] if num_tasks else [runs[task_index]]
+  try:
+    os.makedirs(sweep_dir, exist_ok=True)
+    _check_manifest(sweep_dir, config_path, sets, runs)
+  except OSError as e:
+    raise InputError(f'{sweep_dir}: cannot write the sweep directory ({e.strerror})') from None
+
+  def make_cmd(run, workdir):
+    return run_command(run_cmd, config_path, workdir, sets, run)
+
+  return execute(chosen, sweep_dir, make_cmd)
+
+
 def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1, gpus_per_run=0):
   """Runs the grid into `sweep_dir` and writes the tables; returns (outcomes, markdown)."""
   if parallel < 1 or gpus_per_run < 0:
@@ -268,11 +407,7 @@ def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1,
   if gpus_per_run and visible and len(visible.split(',')) < parallel * gpus_per_run:
     raise InputError(f'CUDA_VISIBLE_DEVICES={visible}: fewer than --parallel x --gpus_per_run '
                      f'= {parallel * gpus_per_run} GPUs')
-  config_path = os.path.abspath(config_path)
-  grid, sets = parse_grid(grid_specs), parse_sets(set_specs)
-  flags.check_keys(flags.load_config(config_path), [k for k, _ in grid] + [k for k, _ in sets],
-                    config_path)
-  runs = expand(grid)
+  config_path, grid, sets, runs = _prepare(config_path, grid_specs, set_specs)
   try:
     os.makedirs(sweep_dir, exist_ok=True)
     _check_manifest(sweep_dir, config_path, sets, runs)
@@ -283,11 +418,80 @@ def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1,
     return run_command(run_cmd, config_path, workdir, sets, run)
 
   outcomes = execute(runs, sweep_dir, make_cmd, parallel=parallel, gpus_per_run=gpus_per_run)
-  columns, rows = table(runs, sweep_dir)
-  markdown = to_markdown(columns, rows, len(grid))
-  fileio.atomic_write_text(os.path.join(sweep_dir, 'results.md'), markdown)
-  fileio.atomic_write_text(os.path.join(sweep_dir, 'results.csv'), to_csv(columns, rows, runs))
-  return outcomes, markdown
+  return outcomes, write_tables(runs, sweep_dir, len(grid))
+
+
+def _print_failures(outcomes, sweep_dir):
+  failed = [o for o in outcomes if o.status == 'failed']
+  for o in failed:
+    print(f'FAILED {o.run.name} (exit {o.returncode}): {o.last_line}  '
+          f'[log: {os.path.join(sweep_dir, o.run.name, "console.log")}]')
+  return 1 if failed else 0
+
+
+def list_cli(config_path, grid_specs, set_specs) -> int:
+  """bin/sweep.py --list: the grid with its indices (what --task_index selects)."""
+  try:
+    runs = _prepare(config_path, grid_specs, set_specs)[3]
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(format_list(runs))
+  print(f'({len(runs)} runs: task indices 0..{len(runs) - 1})')
+  return 0
+
+
+def collect_cli(config_path, grid_specs, set_specs, sweep_dir) -> int:
+  """bin/sweep.py --collect: the table of the finished runs, then the runs that are not;
+  exit 0 when every run has finished, 1 otherwise, 2 on bad input."""
+  try:
+    markdown, by_status = collect(config_path, grid_specs, set_specs, sweep_dir)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'{markdown}\n(tables: {os.path.join(sweep_dir, "results.md")}, results.csv)')
+  total = sum(len(v) for v in by_status.values())
+  print(f'{len(by_status.get("done", []))} of {total} runs finished')
+  for status, what in (('failed', 'failed'), ('started', 'started, no result yet (running or killed)'),
+                       ('missing', 'missing (never started)')):
+    for i, run in by_status.get(status, []):
+      detail = ''
+      if status == 'failed':
+        with open(os.path.join(sweep_dir, run.name, FAILED_NAME)) as f:
+          record = json.load(f)
+        detail = f' (exit {record.get("returncode")}): {record.get("last_line", "")}'
+      print(f'{i:>4} {run.name}: {what}{detail}')
+  return 0 if len(by_status.get('done', [])) == total else 1
+
+
+def task_cli(config_path, grid_specs, set_specs, sweep_dir, run_cmd, task_flag, *,
+             num_tasks=None, environ=None, **kwargs) -> int:
+  """bin/sweep.py with --task_index (or an array index variable set): one grid point
+  (`task_sweep`); otherwise the whole grid (`run_cli`)."""
+  try:
+    index, source = resolve_task_index(task_flag, environ)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if index is None:
+    if num_tasks is not None:
+      print('error: --num_tasks needs a task index (--task_index or an array variable)',
+            file=sys.stderr)
+      return 2
+    return run_cli(config_path, grid_specs, set_specs, sweep_dir, run_cmd, **kwargs)
+  print(f'sweep task {index} (from {source})', flush=True)
+  try:
+    with errors.sigterm_as_interrupt():
+      outcomes = task_sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, index,
+                            num_tasks=num_tasks)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('sweep task interrupted; rerun it to resume', file=sys.stderr)
+    return 130
+  print('(collect the table with --collect once the tasks are done)')
+  return _print_failures(outcomes, sweep_dir)
 
 
 def run_cli(config_path, grid_specs, set_specs, sweep_dir, run_cmd, **kwargs) -> int:
@@ -303,8 +507,4 @@ def run_cli(config_path, grid_specs, set_specs, sweep_dir, run_cmd, **kwargs) ->
     print('sweep interrupted; rerun the same command to resume', file=sys.stderr)
     return 130
   print(f'\n{markdown}\n(tables: {os.path.join(sweep_dir, "results.md")}, results.csv)')
-  failed = [o for o in outcomes if o.status == 'failed']
-  for o in failed:
-    print(f'FAILED {o.run.name} (exit {o.returncode}): {o.last_line}  '
-          f'[log: {os.path.join(sweep_dir, o.run.name, "console.log")}]')
-  return 1 if failed else 0
+  return _print_failures(outcomes, sweep_dir)

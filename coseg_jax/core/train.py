@@ -239,8 +239,9 @@ class Trainer:
       frozen: pytree passed through unchanged (e.g. the frozen extractor's weights).
       data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
       ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
+        None: no checkpoints (the Python API without a work directory).
       log_path: JSONL file, one record per step (step, epoch, loss, aux); written by
-        process 0 only.
+        process 0 only. None: not written.
 
     Returns:
       (params, history) where history is the list of per-step loss records of this call.
@@ -258,9 +259,13 @@ class Trainer:
                  'step': jnp.zeros((), jnp.int32)}, mesh)
     frozen = put(frozen, mesh)
     chief = jax.process_index() == 0
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    mngr = ocp.CheckpointManager(
-        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
+    if ckpt_dir is None:
+      mngr = _NoCheckpoints()
+    else:
+      ckpt_dir = os.path.abspath(ckpt_dir)
+      mngr = ocp.CheckpointManager(
+          ckpt_dir,
+          options=ocp.CheckpointManagerOptions(max_to_keep=tc.max_checkpoints, create=True))
     # Closed on every way out (a divergence or an interrupt while a save is in flight
     # included), so no orbax thread is left to fail at exit.
     try:
@@ -268,7 +273,8 @@ class Trainer:
                          total=total, per_epoch=per_epoch, chief=chief, quiet=quiet, desc=desc)
     except BaseException as e:
       _close_quietly(mngr)
-      _remove_partial_checkpoints(ckpt_dir)
+      if ckpt_dir is not None:
+        _remove_partial_checkpoints(ckpt_dir)
       if fileio.is_disk_full(e):
         raise fileio.disk_full(ckpt_dir, e) from None
       raise
@@ -292,7 +298,7 @@ class Trainer:
         raise InputError(f'{ckpt_dir}: checkpoint {latest} holds non-finite weights (a '
                          'diverged run); delete the folder to train again')
       log.info('%s: resumed from checkpoint at step %d/%d', desc, latest, total)
-    if chief:
+    if chief and log_path:
       # Records after the resumed step (all of them without a checkpoint) are from a run
       # that was killed before its next checkpoint: this run writes them again.
       _rewrite_log_upto(log_path, 0 if latest is None else latest)
@@ -330,7 +336,7 @@ class Trainer:
       pbar.set_postfix(loss=f'{running:.4f}')
       pbar.update(1)
 
-    with _StopRequested() as stop, open(log_path if chief else os.devnull, 'a') as log_file, \
+    with _StopRequested() as stop, open(log_path if chief and log_path else os.devnull, 'a') as log_file, \
         progress.bar(total=total, desc=desc, quiet=quiet or not chief) as pbar:
       pbar.update(start)
       for step in range(start, total):
@@ -368,6 +374,22 @@ def _remove_partial_checkpoints(ckpt_dir):
   import shutil
   for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _NoCheckpoints:
+  """Stands in for orbax's CheckpointManager when `fit` has no checkpoint directory."""
+
+  def latest_step(self):
+    return None
+
+  def save(self, *args, **kwargs):
+    del args, kwargs
+
+  def wait_until_finished(self):
+    pass
+
+  def close(self):
+    pass
 
 
 def fit(loss_fn, params, frozen, data, tc: TrainConfig, *, devices=None, **kwargs):

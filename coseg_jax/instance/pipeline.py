@@ -151,10 +151,11 @@ def detect_group(config, group, priors, net, group_dir):
   images = data.resize_batch([s.image for s in group.samples], size)
   small_priors = np.stack([data.resize_probs(p[..., None], (size, size))[..., 0] for p in priors])
   started = time.time()
+  in_dir = lambda name: None if group_dir is None else os.path.join(group_dir, name)
   params, history = net.trainer.fit(
       net.params, net.frozen, {'image': images, 'prior': small_priors},
-      ckpt_dir=os.path.join(group_dir, 'checkpoints'),
-      log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=quiet, desc=f'train {group.name}')
+      ckpt_dir=in_dir('checkpoints'), log_path=in_dir('loss.jsonl'), quiet=quiet,
+      desc=f'train {group.name}')
   if history:
     log.info('%s: trained in %.0fs; last step %s', group.name, time.time() - started,
              ', '.join(f'{k} {v:.4g}' for k, v in history[-1].items() if k not in ('step', 'epoch')))
@@ -243,16 +244,14 @@ def check_config(config):
       raise InputError(f'{folder}: {section} folder does not exist (config.{section}.folder)')
 
 
-def run(config, workdir, start=None):
-  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
-  fingerprint, writes config.json; returns the work directory to write into), then work."""
-  check_config(config)
-  min_images = 1 if config.baseline == 'saliency' else config.data.batch_size
-  # Every group is read and validated before anything trains.
-  groups = [data.load_group(path, need='none', min_images=min_images)
-            for path in demo.group_paths(config, workdir)]
-  if start is not None:
-    workdir = start(groups)
+def detect_groups(config, groups, workdir=None):
+  """DeepCO3 (or the baseline) on in-memory groups (`data.Group`):
+  (summary, {group name: (masks per image, scores per image)}).
+
+  bin/run.py and the Python API (coseg_jax.instances) both come here. With a work
+  directory each group's checkpoints, loss log and detections go to workdir/<group>;
+  without one nothing is written.
+  """
   net = features = None
   summary = {'method': 'DeepCO3', 'saliency_prior': config.saliency.prior, 'backbone': None,
              'proposals': config.proposals.source}
@@ -272,9 +271,9 @@ def run(config, workdir, start=None):
     summary['backbone'] = {'name': backbone.name, 'weights': backbone.source, 'feature': tap}
     log.info('backbone: %s (feature %s) <- %s', backbone.name, tap, backbone.source)
 
-  results = {}
+  results, outputs = {}, {}
   for group in groups:
-    group_dir = os.path.join(workdir, group.name)
+    group_dir = None if workdir is None else os.path.join(workdir, group.name)
     log.info('group %s: %d images, method %s', group.name, len(group.samples), summary['method'])
     started = time.time()
     priors = saliency.saliency_prior(config.saliency, group, features)
@@ -283,7 +282,9 @@ def run(config, workdir, start=None):
     gts = [s.instances for s in group.samples]
     if all(g is not None for g in gts):
       results[group.name] = score_group(group.name, masks, scores, candidates, gts)
-    _write_group(config, group, masks, scores, group_dir)
+    if group_dir is not None:
+      _write_group(config, group, masks, scores, group_dir)
+    outputs[group.name] = (masks, scores)
 
   if results:
     summary.update(summarize(results))
@@ -291,6 +292,20 @@ def run(config, workdir, start=None):
   else:
     summary['groups'] = {}
     log.info('no ground-truth instances found: predictions written, nothing scored')
+  return summary, outputs
+
+
+def run(config, workdir, start=None):
+  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
+  fingerprint, writes config.json; returns the work directory to write into), then work."""
+  check_config(config)
+  min_images = 1 if config.baseline == 'saliency' else config.data.batch_size
+  # Every group is read and validated before anything trains.
+  groups = [data.load_group(path, need='none', min_images=min_images)
+            for path in demo.group_paths(config, workdir)]
+  if start is not None:
+    workdir = start(groups)
+  summary, _ = detect_groups(config, groups, workdir)
   fileio.atomic_write_json(os.path.join(workdir, 'metrics.json'), summary)
   return summary
 

@@ -173,10 +173,12 @@ def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperatur
 
 
 def train_generator(config, model, params, images, extractor_vars, group_dir, desc):
-  """Trains one group's generator (resuming from group_dir/checkpoints)."""
+  """Trains one group's generator (resuming from group_dir/checkpoints; group_dir None:
+  in memory only)."""
+  in_dir = lambda name: None if group_dir is None else os.path.join(group_dir, name)
   params, _ = model.trainer.fit(
-      params, extractor_vars, {'image': images}, ckpt_dir=os.path.join(group_dir, 'checkpoints'),
-      log_path=os.path.join(group_dir, 'loss.jsonl'), quiet=config.output.quiet, desc=desc)
+      params, extractor_vars, {'image': images}, ckpt_dir=in_dir('checkpoints'),
+      log_path=in_dir('loss.jsonl'), quiet=config.output.quiet, desc=desc)
   return params
 
 
@@ -297,28 +299,43 @@ def _lite0_input(config, backbone):
   return dataclasses.replace(backbone, preprocessing=config.model.lite0_input)
 
 
-def run(config, workdir, start=None):
-  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
-  fingerprint, writes config.json; returns the work directory to write into), then work."""
+def load_groups(config, workdir):
+  """Every group read and validated (before anything trains: a bad file in the last group
+  must not cost the training of the first ones), and the config with K set where the
+  built-in demo needs it."""
   check_config(config)
   if config.num_classes is None and config.data.root is None:
     config = config.copy_and_resolve_references()
     config.num_classes = 2  # the built-in demo group with two classes (the old default)
-  # Every group is read and validated before anything trains: a bad file in the last
-  # group must not cost the training of the first ones.
   groups = [data.load_group(path, num_classes=config.num_classes,
                             min_images=config.data.batch_size)
             for path in demo.group_paths(config, workdir)]
-  group_k = {}
   for group in groups:
-    group_k[group.name] = group_num_classes(config, group)
-    if config.num_classes is None:  # the masks were not checked against K yet
-      data.load_group(group.path, num_classes=group_k[group.name],
+    if config.num_classes is None:  # the masks were not checked against its K yet
+      data.load_group(group.path, num_classes=group_num_classes(config, group),
                       min_images=config.data.batch_size)
+  return config, groups
+
+
+@dataclasses.dataclass
+class GroupOutput:
+  """What the method gives for one group: soft maps (HxWx(K+1), original size, before
+  Eq. 8), label maps (0 = background), and P/J when the group has masks."""
+  maps: list
+  labels: list
+  scores: dict | None
+
+
+def cosegment_groups(config, groups, workdir=None):
+  """The method on in-memory groups (`data.Group`): (summary, {group name: GroupOutput}).
+
+  bin/run.py and the Python API (coseg_jax.cosegment) both come here. With a work
+  directory, each group's checkpoints, loss log and (config.output.images) pictures go to
+  workdir/<group>; without one nothing is written.
+  """
+  group_k = {group.name: group_num_classes(config, group) for group in groups}
   ks = sorted(set(group_k.values()))
   k = ks[0] if len(ks) == 1 else group_k
-  if start is not None:
-    workdir = start(groups)
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
@@ -341,9 +358,9 @@ def run(config, workdir, start=None):
     return models[num_classes]
 
   background = Background.build(config, extractor, extractor_vars)
-  results = {}
+  results, outputs = {}, {}
   for group in groups:
-    group_dir = os.path.join(workdir, group.name)
+    group_dir = None if workdir is None else os.path.join(workdir, group.name)
     gconfig = config
     if config.num_classes != group_k[group.name]:
       gconfig = config.copy_and_resolve_references()
@@ -358,8 +375,9 @@ def run(config, workdir, start=None):
     scores = score(gconfig, group, labels)
     if scores is not None:
       results[group.name] = scores
-    if config.output.images:
+    if config.output.images and group_dir is not None:
       _write_group_images(group, labels, scores, group_dir)
+    outputs[group.name] = GroupOutput(maps, labels, scores)
 
   summary = {'method': method, 'backbones': backbones_used, 'num_classes': k,
              'inference': config.infer.method, 'groups': {}}
@@ -368,6 +386,16 @@ def run(config, workdir, start=None):
     log.info('\n%s', metrics.format_table(summary))
   else:
     log.info('no ground-truth masks found: predictions written, nothing scored')
+  return summary, outputs
+
+
+def run(config, workdir, start=None):
+  """Every group read and validated, then `start(groups)` (cli.main: checks names and the
+  fingerprint, writes config.json; returns the work directory to write into), then work."""
+  config, groups = load_groups(config, workdir)
+  if start is not None:
+    workdir = start(groups)
+  summary, _ = cosegment_groups(config, groups, workdir)
   fileio.atomic_write_json(os.path.join(workdir, 'metrics.json'), summary)
   return summary
 
