@@ -45,6 +45,10 @@ def test_overrides_by_leaf_name_and_unknown_or_ambiguous_names():
     api.apply_overrides(api.instance_config(), {'folder': '/x'})
   with pytest.raises(TypeError, match='image_size'):
     api.apply_overrides(config, {'image_size': 'big'})
+  # Progress bars are off unless asked for; workdir and progress are the API's own.
+  assert api._prepare(api.multiclass_config(), {})[0].output.quiet
+  quiet_off, workdir = api._prepare(api.instance_config(), {'progress': True, 'workdir': 'w'})
+  assert not quiet_off.output.quiet and workdir == 'w'
   # The public functions refuse before touching the images.
   with pytest.raises(TypeError, match='did you mean attention'):
     api.cosegment([], 2, atention='ma')
