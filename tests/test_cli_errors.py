@@ -127,6 +127,9 @@ DATA_CASES = [
      {}, '{g}/masks/img1.png', 'unknown label(s) 7'),
     ('mask_jpeg_named_png', lambda g: _jpeg_mask(f'{g}/masks/img1.png'),
      {}, '{g}/masks/img1.png', 'looks lossy'),
+    ('mask_with_jpeg_ringing', lambda g: _png(f'{g}/masks/img1.png', np.arange(32 * 32).reshape(
+        32, 32) % 9), {}, '{g}/masks/img1.png', 'unknown label(s) 3, 4, 5, 6, 7; expected 0..2 or '
+     '255 (ignore) (the mask looks lossy'),
     ('float_tiff_out_of_range', lambda g: (os.unlink(f'{g}/images/img1.png'), _float_tiff(
         f'{g}/images/img1.tif', np.linspace(0, 1000, 32 * 32).reshape(32, 32))),
      {}, '{g}/images/img1.tif', 'floating-point image with values 0..1000'),
