@@ -127,6 +127,9 @@ DATA_CASES = [
      {}, '{g}/masks/img1.png', 'unknown label(s) 7'),
     ('mask_jpeg_named_png', lambda g: _jpeg_mask(f'{g}/masks/img1.png'),
      {}, '{g}/masks/img1.png', 'looks lossy'),
+    ('mask_with_jpeg_ringing', lambda g: _png(f'{g}/masks/img1.png', np.arange(32 * 32).reshape(
+        32, 32) % 9), {}, '{g}/masks/img1.png', 'unknown label(s) 3, 4, 5, 6, 7; expected 0..2 or '
+     '255 (ignore) (the mask looks lossy'),
     ('float_tiff_out_of_range', lambda g: (os.unlink(f'{g}/images/img1.png'), _float_tiff(
         f'{g}/images/img1.tif', np.linspace(0, 1000, 32 * 32).reshape(32, 32))),
      {}, '{g}/images/img1.tif', 'floating-point image with values 0..1000'),
@@ -494,21 +497,26 @@ def _tmpfs(path, size):
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_checkpoint_on_a_real_tmpfs(tmp_path, capsys):
+def test_disk_full_during_a_checkpoint_on_a_real_tmpfs(tmp_path):
   workdir = str(tmp_path / 'small')
   _tmpfs(workdir, '3m')
   try:
-    d = os.path.dirname(_group(str(tmp_path / 'data' / 'grp')))
-    code = main.run_cli(_config(d, {'infer.method': 'argmax'}), workdir)
-    err = capsys.readouterr().err
+    root = _group(str(tmp_path / 'data' / 'grp'))
+    proc = subprocess.run(
+        [sys.executable, RUN_PY, '--config=configs/two_class.py', f'--workdir={workdir}',
+         f'--config.data.root={root}', '--config.data.image_size=64', '--config.train.epochs=1',
+         '--config.infer.method=argmax', '--config.output.quiet=True'],
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
     leftovers = [os.path.join(p, n) for p, dirs, files in os.walk(workdir)
                  for n in dirs + files if 'orbax-checkpoint-tmp' in n or n.startswith('.tmp-')]
   finally:
     if subprocess.run(['umount', workdir]).returncode:
       subprocess.run(['umount', '-l', workdir])
-  assert code == 2
-  lines = err.splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: ') and 'the disk is full' in lines[0], err
+  assert proc.returncode == 2, proc.stderr
+  # (XLA's "slow compile" alarm on a loaded machine is not ours.)
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ') or 'Traceback' in l
+           or 'Exception ignored' in l or l.startswith(('E', 'W')) and 'orbax' in l]
+  assert len(lines) == 1 and 'the disk is full' in lines[0], proc.stderr
   assert not leftovers
 
 
@@ -582,8 +590,8 @@ def test_rerun_resumes_only_the_same_run(tmp_path, capsys):
   assert main.run_cli(_config(d, base), workdir) == 0
   with open(os.path.join(workdir, 'metrics.json')) as f:
     assert json.load(f) == first
-  steps = [json.loads(l)['step'] for l in open(os.path.join(workdir, 'grp', 'loss.jsonl'))]
-  assert steps == [1]
+  with open(os.path.join(workdir, 'grp', 'loss.jsonl')) as f:
+    assert [json.loads(line)['step'] for line in f] == [1]
   # on_mismatch=fresh: trained again in its own subfolder.
   assert main.run_cli(_config(d, {**base, 'train.learning_rate': 0.5,
                                   'train.on_mismatch': 'fresh'}), workdir) == 0

@@ -278,6 +278,26 @@ def run(config, workdir):
   return metrics
 
 
+def _closed_loop_noise(info):
+  return isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed'
+
+
+def _quiet_orbax_shutdown():
+  """After a failed asynchronous save, orbax's threads call into an event loop that is
+  gone; Python prints that as 'Exception ignored ... Event loop is closed' with a
+  traceback under the run's one error line. Only that exception is dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'coseg_quiet', False):
+    return
+
+  def hook(info):
+    if not _closed_loop_noise(info):
+      previous(info)
+
+  hook.coseg_quiet = True
+  sys.unraisablehook = hook
+
+
 def _print_error(message):
   print(f'error: {errors.one_line(message)}', file=sys.stderr)
 
@@ -288,6 +308,7 @@ def run_cli(config, workdir) -> int:
   SIGTERM stops the run like SIGINT (the trainer checkpoints first; elsewhere the atomic
   writers leave no partial file) instead of killing it without a word.
   """
+  _quiet_orbax_shutdown()
   try:
     with errors.sigterm_as_interrupt():
       run(config, workdir)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 
 import jax
@@ -238,10 +239,13 @@ class Trainer:
       params: trainable pytree (the only thing the optimizer sees).
       frozen: pytree passed through unchanged (e.g. the frozen extractor's weights).
       data: dict of arrays with a common leading axis N; batches are dicts of the same keys.
-      ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed.
-        None: no checkpoints (the Python API without a work directory).
+      ckpt_dir: orbax checkpoint directory; the latest checkpoint there is resumed (one of
+        another model or holding non-finite weights is an InputError). A failed fit leaves
+        no partial step there and its manager closed; a full disk is an InputError. None: no
+        checkpoints (the Python API without a work directory).
       log_path: JSONL file, one record per step (step, epoch, loss, aux); written by
-        process 0 only. None: not written.
+        process 0 only, first cut back to the resumed step (0 without a checkpoint). None: not
+        written.
 
     Returns:
       (params, history) where history is the list of per-step loss records of this call.
@@ -371,7 +375,6 @@ def _close_quietly(mngr):
 
 def _remove_partial_checkpoints(ckpt_dir):
   """orbax writes a step into <step>.orbax-checkpoint-tmp* and renames it when complete."""
-  import shutil
   for tmp in glob.glob(os.path.join(glob.escape(ckpt_dir), '*.orbax-checkpoint-tmp*')):
     shutil.rmtree(tmp, ignore_errors=True)
 
