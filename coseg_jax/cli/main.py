@@ -83,8 +83,11 @@ class _Lock:
 
 def _from_orbax(record):
   """orbax logs a failed save from each of its threads with a traceback (thousands of
-  lines for a full disk); the trainer turns the failure into one error of its own."""
-  return '/orbax/' not in record.pathname.replace(os.sep, '/')
+  lines for a full disk), and asyncio logs each of its failed write tasks ('Task exception
+  was never retrieved', naming orbax's coroutine); the trainer turns the failure into one
+  error of its own."""
+  return ('/orbax/' not in record.pathname.replace(os.sep, '/')
+          and '/orbax/' not in record.getMessage().replace(os.sep, '/'))
 
 
 def _close_logging():
@@ -97,9 +100,9 @@ def _close_logging():
 def _setup_logging(workdir):
   # orbax and jax log every checkpoint step at INFO through absl; keep the console readable.
   absl_logging.set_verbosity(absl_logging.WARNING)
-  absl_logger = logging.getLogger('absl')
-  if _from_orbax not in absl_logger.filters:
-    absl_logger.addFilter(_from_orbax)
+  for name in ('absl', 'asyncio'):
+    if _from_orbax not in logging.getLogger(name).filters:
+      logging.getLogger(name).addFilter(_from_orbax)
   log.setLevel(logging.INFO)
   for h in list(log.handlers):
     log.removeHandler(h)
