@@ -95,7 +95,7 @@ def test_a_dataset_of_two_groups_compiles_once(tmp_path, monkeypatch, method):
   _write_group(root, 'b', 4, seed=1)
   if method == 'multiclass':
     cfg, pipeline = config.multiclass(), multiclass
-    cfg.data.batch_size, cfg.infer.method = 3, 'argmax'
+    cfg.num_classes, cfg.data.batch_size, cfg.infer.method = 2, 3, 'argmax'
   else:
     cfg, pipeline = config.instance(), instance
     cfg.data.batch_size = 2
