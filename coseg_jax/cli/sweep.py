@@ -376,6 +376,17 @@ def collect(config_path, grid_specs, set_specs, sweep_dir):
   return write_tables(runs, sweep_dir, len(grid)), dict(by_status)
 
 
+def _open(sweep_dir, run_cmd, config_path, sets, runs):
+  """Creates `sweep_dir` (checking its manifest against this grid) and returns the
+  make_cmd(run, workdir) that `execute` runs."""
+  try:
+    os.makedirs(sweep_dir, exist_ok=True)
+    _check_manifest(sweep_dir, config_path, sets, runs)
+  except OSError as e:
+    raise InputError(f'{sweep_dir}: cannot write the sweep directory ({e.strerror})') from None
+  return lambda run, workdir: run_command(run_cmd, config_path, workdir, sets, run)
+
+
 def task_sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, task_index, *,
                num_tasks=None):
   """Grid point `task_index` alone (a job array's task), into the same SWEEP/NAME and with
@@ -386,16 +397,7 @@ def task_sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, task_inde
     raise InputError(f'task index {task_index}: the grid has {len(runs)} runs (0..{len(runs) - 1}'
                      + (f'; --num_tasks={num_tasks}' if num_tasks else '') + ')')
   chosen = runs[task_index::num_tasks] if num_tasks else [runs[task_index]]
-  try:
-    os.makedirs(sweep_dir, exist_ok=True)
-    _check_manifest(sweep_dir, config_path, sets, runs)
-  except OSError as e:
-    raise InputError(f'{sweep_dir}: cannot write the sweep directory ({e.strerror})') from None
-
-  def make_cmd(run, workdir):
-    return run_command(run_cmd, config_path, workdir, sets, run)
-
-  return execute(chosen, sweep_dir, make_cmd)
+  return execute(chosen, sweep_dir, _open(sweep_dir, run_cmd, config_path, sets, runs))
 
 
 def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1, gpus_per_run=0):
@@ -408,15 +410,7 @@ def sweep(config_path, grid_specs, set_specs, sweep_dir, run_cmd, *, parallel=1,
     raise InputError(f'CUDA_VISIBLE_DEVICES={visible}: fewer than --parallel x --gpus_per_run '
                      f'= {parallel * gpus_per_run} GPUs')
   config_path, grid, sets, runs = _prepare(config_path, grid_specs, set_specs)
-  try:
-    os.makedirs(sweep_dir, exist_ok=True)
-    _check_manifest(sweep_dir, config_path, sets, runs)
-  except OSError as e:
-    raise InputError(f'{sweep_dir}: cannot write the sweep directory ({e.strerror})') from None
-
-  def make_cmd(run, workdir):
-    return run_command(run_cmd, config_path, workdir, sets, run)
-
+  make_cmd = _open(sweep_dir, run_cmd, config_path, sets, runs)
   outcomes = execute(runs, sweep_dir, make_cmd, parallel=parallel, gpus_per_run=gpus_per_run)
   return outcomes, write_tables(runs, sweep_dir, len(grid))
 

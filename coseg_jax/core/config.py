@@ -42,6 +42,29 @@ def _data(image_size, batch_size):
   return d
 
 
+def _train(epochs, learning_rate, head_lr_mult):
+  t = config_dict.ConfigDict()
+  t.epochs = epochs
+  # The rate of the ImageNet-initialised backbone (encoder).
+  t.learning_rate = learning_rate
+  # Coupled L2 (added to the gradient before Adam), as in PyTorch's Adam.
+  t.weight_decay = 5e-4
+  # Learning-rate multiplier for the layers trained from scratch (attention, classifier,
+  # saliency head) relative to the ImageNet-initialised backbone.
+  t.head_lr_mult = head_lr_mult
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-8
+  # Save a checkpoint every this many steps (and at the end); resume from the latest.
+  t.checkpoint_every = 50
+  t.max_checkpoints = 2
+  # A rerun into a work directory whose fingerprint.json records other settings or
+  # inputs: 'stop' (one line naming the differences) or 'fresh' (start over in a new
+  # subfolder <workdir>/rerun-<n>; the earlier run is left as it was).
+  t.on_mismatch = 'stop'
+  return t
+
+
 def _output():
   o = config_dict.ConfigDict()
   # Write label PNGs, colour overlays and one contact sheet per group.
@@ -144,25 +167,9 @@ def multiclass():
   # Multiplies the normalised features (distances scale by its square).
   c.loss.feature_scale = 2.0
 
-  c.train = config_dict.ConfigDict()
-  c.train.epochs = 10
-  # The exponent was lost in the thesis text; chosen by a sweep (BUILD.md).
-  c.train.learning_rate = 1e-4
-  # Coupled L2 (added to the gradient before Adam), as in PyTorch's Adam.
-  c.train.weight_decay = 5e-4
-  # Learning-rate multiplier for the layers trained from scratch (attention, classifier,
-  # saliency head) relative to the ImageNet-initialised backbone.
-  c.train.head_lr_mult = 10.0
-  c.train.b1 = 0.9
-  c.train.b2 = 0.999
-  c.train.eps = 1e-8
-  # Save a checkpoint every this many steps (and at the end); resume from the latest.
-  c.train.checkpoint_every = 50
-  c.train.max_checkpoints = 2
-  # A rerun into a work directory whose fingerprint.json records other settings or
-  # inputs: 'stop' (one line naming the differences) or 'fresh' (start over in a new
-  # subfolder <workdir>/rerun-<n>; the earlier run is left as it was).
-  c.train.on_mismatch = 'stop'
+  # The lr exponent was lost in the thesis text; chosen by a sweep (BUILD.md); the attention
+  # and classifier, trained from scratch, at 10x.
+  c.train = _train(epochs=10, learning_rate=1e-4, head_lr_mult=10.0)
 
   c.infer = config_dict.ConfigDict()
   # 'crf' (dense CRF, Tables 6-7) or 'argmax' (Eq. 9), both after Eq. 8 normalisation.
@@ -229,27 +236,11 @@ def instance():
   c.saliency.ddt_tap = 'auto'
   c.saliency.folder = placeholder(str)
 
-  c.train = config_dict.ConfigDict()
-  # For EfficientNet-Lite0 on real photographs (BUILD.md, "Real photographs (DeepCO3)"); the
-  # paper's 40 epochs at lr 1e-6, head_lr_mult 1 suit VGG16 fed with 0-255 pixels.
-  # 10 epochs: a 24-image group is 40 steps.
-  c.train.epochs = 10
-  # The fine-tuned ImageNet backbone's rate.
-  c.train.learning_rate = 1e-5
-  c.train.weight_decay = 5e-4
-  # Learning-rate multiplier for the layers trained from scratch (attention, classifier,
-  # saliency head) relative to the ImageNet-initialised backbone: the zero-initialised
-  # saliency head at 1e-3 (with the whole network at 1e-3 the saliency loss did not move).
-  c.train.head_lr_mult = 100.0
-  c.train.b1 = 0.9
-  c.train.b2 = 0.999
-  c.train.eps = 1e-8
-  c.train.checkpoint_every = 50
-  c.train.max_checkpoints = 2
-  # A rerun into a work directory whose fingerprint.json records other settings or
-  # inputs: 'stop' (one line naming the differences) or 'fresh' (start over in a new
-  # subfolder <workdir>/rerun-<n>; the earlier run is left as it was).
-  c.train.on_mismatch = 'stop'
+  # For EfficientNet-Lite0 on real photographs (BUILD.md, "Real photographs (DeepCO3)"): the
+  # fine-tuned backbone at 1e-5, the zero-initialised saliency head at 1e-3 (with the whole
+  # network at 1e-3 the saliency loss did not move); 10 epochs (a 24-image group is 40
+  # steps). The paper's 40 epochs at lr 1e-6, head_lr_mult 1 suit VGG16 fed 0-255 pixels.
+  c.train = _train(epochs=10, learning_rate=1e-5, head_lr_mult=100.0)
 
   c.proposals = config_dict.ConfigDict()
   # 'builtin' (hierarchical superpixel grouping) or 'folder' (.mat / HDF5 per image).
