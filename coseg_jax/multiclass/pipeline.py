@@ -212,10 +212,11 @@ def score(config, group, labels):
                              fixed_background=True, names=[s.stem for s in group.samples])
 
 
-def segment_group(config, group, model, extractor, extractor_vars, background, group_dir):
-  """Soft maps (HxWx(K+1), original size) for every image of `group`; `model` is the
-  run's `Model` of the group's K (None for the baselines), `background` its `Background`."""
-  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+def segment_group(config, group, images, model, extractor, extractor_vars, background,
+                  group_dir):
+  """Soft maps (HxWx(K+1), original size) for every image of `group` (`images`: its network
+  input, `data.resize_batch`); `model` is the run's `Model` of the group's K (None for the
+  baselines), `background` its `Background`."""
   if config.baseline == 'center':
     k1 = config.num_classes + 1
     return [np.eye(k1, dtype=np.float32)[baseline.center_prior(s.image.shape[:2])]
@@ -368,10 +369,11 @@ def cosegment_groups(config, groups, workdir=None):
     log.info('group %s: %d images, %d classes, method %s, inference %s, background %s',
              group.name, len(group.samples), gconfig.num_classes, method,
              config.infer.method, config.infer.background)
-    maps = segment_group(gconfig, group, model_for(gconfig.num_classes), extractor,
+    images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+    maps = segment_group(gconfig, group, images, model_for(gconfig.num_classes), extractor,
                          extractor_vars, background, group_dir)
     labels = label_group(gconfig, group, maps,
-                         background=_background_rule(gconfig, group, background))
+                         background=_background_rule(gconfig, images, background))
     scores = score(gconfig, group, labels)
     if scores is not None:
       results[group.name] = scores
@@ -400,7 +402,7 @@ def run(config, workdir, start=None):
   return summary
 
 
-def _background_rule(config, group, background):
+def _background_rule(config, images, background):
   """labels -> background label, by `infer.background`; the centre prior is labelled
   already, and a clustering baseline has no trained channel 0 to keep ('channel' then
   uses 'consistency')."""
@@ -409,7 +411,6 @@ def _background_rule(config, group, background):
   rule = config.infer.background
   if rule == 'channel' and config.baseline == 'cluster':
     rule = 'consistency'
-  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
   return lambda labels: background.label(images, labels, config.num_classes + 1, rule=rule)
 
 
