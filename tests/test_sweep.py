@@ -55,7 +55,8 @@ def _stub_run(argv):
   if lr == 'nan':
     print('training...\nerror: train cats: loss is nan at step 1', file=sys.stderr)
     sys.exit(1)
-  time.sleep(0.1 * int(args.get('config.train.epochs', '0')))
+  # Long enough that the runs of a parallel sweep overlap even on a loaded machine.
+  time.sleep(1.0 * int(args.get('config.train.epochs', '0')))
   with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
     json.dump(_stub_metrics(float(lr)), f)
   note(event='end', time=time.time())

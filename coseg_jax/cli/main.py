@@ -83,11 +83,16 @@ class _Lock:
 
 def _from_orbax(record):
   """orbax logs a failed save from each of its threads with a traceback (thousands of
-  lines for a full disk), and asyncio logs each of its failed write tasks ('Task exception
-  was never retrieved', naming orbax's coroutine); the trainer turns the failure into one
-  error of its own."""
-  return ('/orbax/' not in record.pathname.replace(os.sep, '/')
-          and '/orbax/' not in record.getMessage().replace(os.sep, '/'))
+  lines for a full disk), and asyncio logs each of its failed writes ('Task exception was
+  never retrieved' naming orbax's coroutine, or 'Future exception was never retrieved'
+  naming the checkpoint's *.orbax-checkpoint-tmp folder); the trainer turns the failure
+  into one error of its own."""
+  if '/orbax/' in record.pathname.replace(os.sep, '/'):
+    return False
+  message = record.getMessage()
+  if record.name == 'asyncio':
+    return not ('never retrieved' in message and 'orbax' in message)
+  return '/orbax/' not in message.replace(os.sep, '/')
 
 
 def _close_logging():
