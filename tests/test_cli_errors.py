@@ -389,7 +389,8 @@ def _other_images(tmp_path):
 
 # id, overrides of the rerun, a different data root (or None), words the line must hold.
 RERUN_CASES = [
-    ('learning_rate', {'train.learning_rate': 0.5}, None, 'train.learning_rate 0.0001 -> 0.5'),
+    ('learning_rate', {'train.learning_rate': 0.5}, None,
+     f'train.learning_rate {defaults.multiclass().train.learning_rate!r} -> 0.5'),
     ('num_classes', {'num_classes': 3}, None, 'num_classes 2 -> 3'),
     ('attention', {'model.attention': 'sa'}, None, "model.attention 'sa_ma' -> 'sa'"),
     ('other_root_same_group_name', {}, _other_images, "inputs of group 'grp' (other images)"),

@@ -30,7 +30,8 @@ def _write_group(root, name, num_images, seed):
 def test_a_dataset_of_two_groups_compiles_once(tmp_path, monkeypatch, method):
   # Groups of 3 and 4 images: every jitted function (training step, cluster init,
   # prediction, PRM) is compiled for the first group and reused by the second, whose
-  # 4 steps (batch 3: 2 per epoch, the second padded; 2 epochs) compile nothing.
+  # steps over 2 epochs (multi-class: batch 3, the second step of each epoch padded)
+  # compile nothing.
   root = str(tmp_path / 'data')
   _write_group(root, 'a', 3, seed=0)
   _write_group(root, 'b', 4, seed=1)
@@ -39,7 +40,7 @@ def test_a_dataset_of_two_groups_compiles_once(tmp_path, monkeypatch, method):
     cfg.num_classes, cfg.data.batch_size, cfg.infer.method = 2, BATCH, 'argmax'
   else:
     cfg, pipeline = config.instance(), instance
-    cfg.data.batch_size = BATCH
+    cfg.data.batch_size = 2  # DeepCO3 pairs image i with i + B/2
   cfg.data.root, cfg.data.image_size, cfg.train.epochs = root, SIZE, EPOCHS
   cfg.output.images, cfg.output.quiet = False, True
 

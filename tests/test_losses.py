@@ -83,3 +83,51 @@ def test_masked_pooling_is_mask_weighted_average():
   np.testing.assert_allclose(pooled, feat[:, :2, :2].mean((1, 2)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(losses.pool_features(feat, masks, 'global'), feat.mean((1, 2)),
                              rtol=1e-6)
+
+
+def _two_content_group(num_images=3, size=8):
+  """Dense unit features: content A in the left half, B in the right half of every image
+  (a little noise per image), and the maps of a given assignment of the halves."""
+  rng = np.random.default_rng(0)
+  a, b = np.eye(4)[0], np.eye(4)[1]
+  feat = np.zeros((num_images, size, size, 4))
+  feat[:, :, :size // 2], feat[:, :, size // 2:] = a, b
+  feat += 0.05 * rng.normal(size=feat.shape)
+  return jnp.asarray(feat, jnp.float32)
+
+
+def _maps(num_images, size, class_cols):
+  """Channel 1 on the columns class_cols[i] of image i, channel 0 elsewhere (HxWx2)."""
+  m = np.zeros((num_images, size, size, 2), np.float32)
+  m[..., 0] = 1.0
+  for i, cols in enumerate(class_cols):
+    m[i, :, cols, 1], m[i, :, cols, 0] = 1.0, 0.0
+  return jnp.asarray(0.98 * m + 0.01)
+
+
+def test_coverage_loss_sees_a_shrunken_channel():
+  """The co-attention loss cannot tell a class channel that covers its content from one
+  that keeps a few of its pixels; the coverage term can."""
+  feat = _two_content_group()
+  full = _maps(3, 8, [slice(0, 4)] * 3)
+  shrunk = _maps(3, 8, [slice(0, 1)] * 3)  # a quarter of A; the rest leaks to background
+  assert losses.coverage_loss(feat, full, 2.0) < losses.coverage_loss(feat, shrunk, 2.0) - 0.5
+
+
+def test_coverage_loss_asks_the_other_images():
+  """Class vectors come from the other images: a class that means A in two images and B
+  in the third costs more than one that means A everywhere (leave-one-out)."""
+  feat = _two_content_group()
+  same = _maps(3, 8, [slice(0, 4)] * 3)
+  flipped = _maps(3, 8, [slice(0, 4), slice(0, 4), slice(4, 8)])
+  assert losses.coverage_loss(feat, same, 2.0) < losses.coverage_loss(feat, flipped, 2.0) - 0.5
+
+
+def test_coverage_loss_gradient_pulls_leaked_pixels_back_into_the_class():
+  feat = _two_content_group()
+  shrunk = _maps(3, 8, [slice(0, 1)] * 3)
+  grad = jax.grad(lambda m: losses.coverage_loss(feat, m, 2.0))(shrunk)
+  # A pixels the channel left out (columns 1-3): more class-1 probability lowers the loss;
+  # B pixels (columns 4-7): more background probability lowers it.
+  assert (grad[:, :, 1:4, 1] < grad[:, :, 1:4, 0]).all()
+  assert (grad[:, :, 4:, 0] < grad[:, :, 4:, 1]).all()

@@ -16,6 +16,9 @@ def test_training_raises_j_on_demo_group(tmp_path):
   # Learning from scratch, as in the thesis (the default warm start from k-means is tested
   # in test_multiclass_loss.py): the smallest setting that learns reliably.
   config.model.classifier_init = 'random'
+  # A random classifier needs the encoder to learn with it (the default keeps the encoder
+  # at its ImageNet weights, suited to the k-means init).
+  config.train.learning_rate, config.train.head_lr_mult = 1e-4, 10.0
   config.model.encoder_tap = 'stride16'
   config.data.image_size = 160
   config.train.epochs = 15
@@ -35,7 +38,7 @@ def test_training_raises_j_on_demo_group(tmp_path):
     return multiclass.score(config, group, multiclass.label_group(config, group, maps))['J']
 
   before = j_of(params)
-  trained = multiclass.train_generator(config, model, params, images, lite0_vars,
+  trained = multiclass.train_generator(config, model, params, images, lite0, lite0_vars,
                                        str(tmp_path / 'run'), desc='test')
   after = j_of(trained)
   assert float(trained['attention']['gamma']) != 0.0   # the attention module was trained

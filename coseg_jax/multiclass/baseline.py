@@ -79,13 +79,18 @@ def _dense_features(backbone, taps, variables, x_BxSxSx3):
   return multiscale([out[t] for t in taps]) if len(taps) > 1 else out[taps[0]]
 
 
-def cluster_labels(backbone, variables, images_NxSxSx3, num_classes, seed, taps):
-  """k-means (K+1 clusters) of the group's dense features: one hxw map per image, at the
-  finest tap's grid. Several taps (`'stride16+stride32'`) are combined by `multiscale`."""
+def dense_features(backbone, variables, images_NxSxSx3, taps):
+  """One hxwxC feature per image at the finest tap's grid; several taps
+  (`'stride16+stride32'`) are combined by `multiscale`."""
   taps = split_taps(taps)
-  feats = [np.asarray(_dense_features(backbone, taps, variables, image[None]))[0]
-           for image in images_NxSxSx3]
-  return cluster_group(feats, num_classes + 1, seed)
+  return [np.asarray(_dense_features(backbone, taps, variables, image[None]))[0]
+          for image in images_NxSxSx3]
+
+
+def cluster_labels(backbone, variables, images_NxSxSx3, num_classes, seed, taps):
+  """k-means (K+1 clusters) of the group's `dense_features`: one hxw map per image."""
+  return cluster_group(dense_features(backbone, variables, images_NxSxSx3, taps),
+                       num_classes + 1, seed)
 
 
 def cluster_baseline(backbone, variables, images_NxSxSx3, out_shapes, num_classes, seed, tap):

@@ -95,6 +95,9 @@ def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
   """Co-attention loss of one mini-batch; gradients reach the generator only."""
   maps_BxHxWxK1 = gen.apply({'params': params}, batch['image'])
   loss = maps_loss(extractor, loss_cfg, frozen, batch['image'], maps_BxHxWxK1)
+  if loss_cfg.coverage_weight:
+    loss += loss_cfg.coverage_weight * losses.coverage_loss(
+        batch['dense'], maps_BxHxWxK1, loss_cfg.feature_scale)
   # Mean soft area per channel: shows collapse (one channel taking everything) in the log.
   area_K1 = maps_BxHxWxK1.mean(axis=(0, 1, 2))
   return loss, {f'area{i}': area_K1[i] for i in range(maps_BxHxWxK1.shape[-1])}
@@ -172,12 +175,17 @@ def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperatur
                                   'bias': jnp.zeros((num_classes + 1,), jnp.float32)})
 
 
-def train_generator(config, model, params, images, extractor_vars, group_dir, desc):
+def train_generator(config, model, params, images, extractor, extractor_vars, group_dir, desc):
   """Trains one group's generator (resuming from group_dir/checkpoints; group_dir None:
   in memory only)."""
   in_dir = lambda name: None if group_dir is None else os.path.join(group_dir, name)
+  data = {'image': images}
+  if config.loss.coverage_weight:
+    # The coverage term's features of the unmasked images: frozen, so computed once.
+    data['dense'] = np.stack(baseline.dense_features(
+        extractor, extractor_vars, images, cluster_taps(config, extractor)))
   params, _ = model.trainer.fit(
-      params, extractor_vars, {'image': images}, ckpt_dir=in_dir('checkpoints'),
+      params, extractor_vars, data, ckpt_dir=in_dir('checkpoints'),
       log_path=in_dir('loss.jsonl'), quiet=config.output.quiet, desc=desc)
   return params
 
@@ -233,7 +241,7 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
     params = cluster_init(model.features, params, images, config.num_classes, config.seed,
                           background=lambda labels: background.label(
                               images, labels, config.num_classes + 1, rule=rule))
-  params = train_generator(config, model, params, images, extractor_vars, group_dir,
+  params = train_generator(config, model, params, images, extractor, extractor_vars, group_dir,
                            desc=f'train {group.name}')
   return group_maps(config, model, params, images, group)
 
@@ -264,6 +272,7 @@ def check_config(config):
   r('model.attention_reduction', 1, integer=True)
   r('model.mutual_scale_power')
   r('loss.feature_scale', 0, above=True)
+  r('loss.coverage_weight', 0)
   r('infer.crf.iterations', 0, integer=True)
   for field in ('gaussian_sxy', 'bilateral_sxy', 'bilateral_srgb', 'unary_power'):
     r(f'infer.crf.{field}', 0, above=True)  # a zero std makes the CRF divide by zero
