@@ -72,11 +72,17 @@ def split_taps(taps):
   return tuple(taps.split('+')) if isinstance(taps, str) else tuple(taps)
 
 
+def select_taps(out, taps):
+  """The feature `taps` names in a backbone's output dict: one tap as it is, several
+  ('a+b') combined by `multiscale`."""
+  taps = split_taps(taps)
+  return multiscale([out[t] for t in taps]) if len(taps) > 1 else out[taps[0]]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _dense_features(backbone, taps, variables, x_BxSxSx3):
   # Module-level and keyed by the (hashable) backbone: compiled once per run, not per group.
-  out = backbone.apply(variables, x_BxSxSx3, taps=taps)
-  return multiscale([out[t] for t in taps]) if len(taps) > 1 else out[taps[0]]
+  return select_taps(backbone.apply(variables, x_BxSxSx3, taps=taps), taps)
 
 
 def dense_features(backbone, variables, images_NxSxSx3, taps):

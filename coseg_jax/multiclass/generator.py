@@ -11,11 +11,11 @@ import jax
 from coseg_jax.backbones import weights
 from coseg_jax.multiclass.attention import AttentionModule
 from coseg_jax.multiclass.attention import AttentionSpec
-from coseg_jax.multiclass.baseline import multiscale
+from coseg_jax.multiclass.baseline import select_taps
 
 # The deepest feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
 # thesis' FCN; EfficientNet-Lite0's 1280-d head (stride 32), whose semantics the
-# stride-16 blocks lack (BUILD.md). 'a+b' names a multi-scale feature (`baselines.multiscale`).
+# stride-16 blocks lack (BUILD.md). 'a+b' names a multi-scale feature (`baseline.multiscale`).
 ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'head'}
 
 
@@ -34,10 +34,8 @@ class Generator(nn.Module):
   def features(self, x01_BxHxWx3):
     """The encoder feature the attention module and classifier work on; a tap 'a+b'
     combines several (each unit per pixel, resized to the finest grid, concatenated)."""
-    taps = self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing))
-    if '+' not in self.spec.tap:
-      return taps[self.spec.tap]
-    return multiscale([taps[t] for t in self.spec.tap.split('+')])
+    return select_taps(self.encoder(weights.preprocess(x01_BxHxWx3, self.spec.preprocessing)),
+                       self.spec.tap)
 
   @nn.compact
   def __call__(self, x01_BxHxWx3):

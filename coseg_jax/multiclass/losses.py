@@ -80,7 +80,7 @@ def coverage_loss(dense_Bxhxwxc, maps_BxHxWxK1, scale):
   not the prototypes toward the maps. `dense_Bxhxwxc`: the frozen extractor's dense
   features of the unmasked images (any normalisation; they are made unit here).
   """
-  unit = lambda x: x / jnp.sqrt(jnp.sum(x ** 2, axis=-1, keepdims=True) + 1e-12)
+  unit = lambda x: normalize_features(x, 'l2', 1.0)
   phi_Bxhxwxc = unit(dense_Bxhxwxc)
   probs_BxhxwxK1 = cell_area(maps_BxHxWxK1, phi_Bxhxwxc.shape[1:3])
   sums_BxK1xc = jnp.einsum('bhwl,bhwc->blc', probs_BxhxwxK1, phi_Bxhxwxc)

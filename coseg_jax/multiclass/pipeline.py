@@ -107,7 +107,7 @@ def build_generator(config, encoder, num_classes):
   tap = config.model.encoder_tap
   if tap == 'auto':
     tap = generator.ENCODER_TAPS[encoder.name]
-  elif any(t not in encoder.tap_info() for t in tap.split('+')):
+  elif any(t not in encoder.tap_info() for t in baseline.split_taps(tap)):
     raise InputError(f'config.model.encoder_tap: {encoder.name} has no tap {tap!r} '
                      f'({", ".join(encoder.tap_info())})')
   spec = generator.GeneratorSpec(
