@@ -5,6 +5,7 @@
   result.labels       # per image HxW uint8, 0 = background, ids consistent over the group
   result.maps         # per image HxWx(K+1) float32, Eq. 8-normalised
   result.class_order  # ids by their share of the group's pixels (background 0 first)
+  coseg_jax.cosegment(images, num_classes=None).num_classes   # K estimated (BUILD.md)
   found = coseg_jax.instances(images)   # per image [(bool HxW mask, score), ...]
 
 `images` is a sequence of HxW (grey), HxWx1, HxWx3 or HxWx4 (RGBA, composited over white)
@@ -220,7 +221,7 @@ def cosegment(images, /, num_classes=2, **overrides) -> Cosegmentation:
   except InputError as e:
     raise ValueError(str(e)) from None
   out = outputs[group.name]
-  k1 = config.num_classes + 1
+  k1 = out.num_classes + 1
   counts = sum(np.bincount(l.ravel(), minlength=k1)[:k1] for l in out.labels)
   area = {i: float(c) / max(1, counts.sum()) for i, c in enumerate(counts)}
   order = (0,) + tuple(sorted(range(1, k1), key=lambda i: (-counts[i], i)))

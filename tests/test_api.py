@@ -26,6 +26,7 @@ def test_import_is_light_and_the_api_lazy():
 @pytest.mark.parametrize('config_file,make', [
     ('two_class.py', lambda: api.multiclass_config(2)),
     ('three_class.py', lambda: api.multiclass_config(3)),
+    ('auto_k.py', lambda: api.multiclass_config(None)),
     ('instance.py', api.instance_config)])
 def test_defaults_are_the_cli_configs(config_file, make):
   cli = flags.load_config(os.path.join(ROOT, 'configs', config_file))

@@ -119,8 +119,11 @@ def multiclass():
   # features): the reference any co-segmentation should beat.
   c.baseline = 'none'
   # Number of foreground classes K shared by the group. Unset: each group's classes.txt
-  # (one name a line, or '<id> <name>' lines), so one run can score groups of different K.
+  # (one name a line, or '<id> <name>' lines), so one run can score groups of different K;
+  # a group without one gets K estimated (multiclass/num_classes.py).
   c.num_classes = placeholder(int)
+  # Largest K the estimate considers (it clusters up to max_classes + 2 labels).
+  c.max_classes = 5
   c.data = _data(image_size=384, batch_size=3)
   c.weights = _weights()
 

@@ -80,7 +80,9 @@ def build(workdir) -> str:
   inputs = _InputFinder(workdir, config)
   for name in _group_names(workdir, metrics):
     group_metrics = ((metrics or {}).get('groups') or {}).get(name)
-    parts.append(_group_section(workdir, name, group_metrics, inputs, config.get('method')))
+    estimate = ((metrics or {}).get('num_classes_estimated') or {}).get(name)
+    parts.append(_group_section(workdir, name, group_metrics, inputs, config.get('method'),
+                                estimate))
   parts.append('<h2>Resolved config</h2><details><summary>config.json</summary>'
                f'<pre>{_esc(json.dumps(config, indent=2, sort_keys=True))}</pre></details>')
   log_tail = _tail(os.path.join(workdir, 'run.log'), LOG_TAIL_LINES)
@@ -92,12 +94,13 @@ def build(workdir) -> str:
           + '\n'.join(parts) + '\n</body></html>\n')
 
 
-def line_chart(series, *, title, width=520, height=240) -> np.ndarray:
+def line_chart(series, *, title, x_label='step', width=520, height=240) -> np.ndarray:
   """A uint8 HxWx3 line chart drawn with PIL.
 
   Args:
     series: list of (label, colour, xs, ys); several series share the axes.
     title: drawn above the plot.
+    x_label: drawn under the x axis.
   """
   font = ImageFont.load_default(size=12)
   grey = (80, 80, 80)
@@ -128,7 +131,7 @@ def line_chart(series, *, title, width=520, height=240) -> np.ndarray:
     draw.line([(x, y1), (x, y1 + 4)], fill=grey)
     text((x, y1 + 6), f'{v:g}', align=0.5)
   draw.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
-  text((x1, height - 14), 'step', align=1.0)
+  text((x1, height - 14), x_label, align=1.0)
   text((x0, 5), title, colour=(0, 0, 0))
   legend_x = x0 + draw.textlength(title, font=font) + 16
   for label, colour, xs, ys in series:
@@ -249,11 +252,22 @@ def _is_multiclass(group_metrics):
   return isinstance(group_metrics, dict) and {'images', 'class_iou'} <= set(group_metrics)
 
 
-def _group_section(workdir, name, group_metrics, inputs, method):
+def k_chart(estimate) -> np.ndarray:
+  """The criterion per K of an estimated K (metrics.json's num_classes_estimated entry)."""
+  ks = sorted(int(k) for k in estimate['loss_per_k'])
+  values = [float(estimate['loss_per_k'][str(k)]) for k in ks]
+  return line_chart([('loss', SERIES_COLOURS[0], ks, values)], x_label='K',
+                    title=f'{estimate["criterion"]}: K = {estimate["num_classes"]}')
+
+
+def _group_section(workdir, name, group_metrics, inputs, method, estimate=None):
   folder = os.path.join(workdir, name)
   group, note = inputs.group(name)
   class_names = group.class_names if group else ()
   parts = [f'<h2>Group {_esc(name)}</h2>']
+  if estimate:
+    parts.append(f'<h3>Estimated K = {int(estimate["num_classes"])}</h3>'
+                 f'<img alt="K criterion" src="{png_data_uri(k_chart(estimate), max_side=None)}">')
   # Other methods' group metrics are flat scalars, all in the results table already.
   if _is_multiclass(group_metrics):
     parts.append('<h3>Metrics</h3>' + _multiclass_table(group_metrics, class_names))

@@ -24,6 +24,7 @@ from coseg_jax.multiclass import baseline
 from coseg_jax.multiclass import generator
 from coseg_jax.multiclass import losses
 from coseg_jax.multiclass import metrics
+from coseg_jax.multiclass import num_classes as estimate_k
 from coseg_jax.multiclass import postprocess
 
 log = logging.getLogger('coseg_jax')
@@ -71,16 +72,21 @@ class Background:
   def label(self, images_NxSxSx3, labels_list, num_labels, rule=None):
     """The label the rule names.
 
-    'consistency': each label of each image masks its image (Eq. 1 with the one-hot map),
-    f and the loss' pooling give one vector per label and image, and the label whose
-    vectors agree least across the group is background (`postprocess.least_consistent_label`).
-    Labels may be at any size; they are resized (nearest) to the network input.
+    'consistency': the label whose `label_vectors` agree least across the group
+    (`postprocess.least_consistent_label`).
     """
     rule = rule or self.rule
     if rule == 'border':
       return postprocess.border_label(labels_list, num_labels)
     if rule == 'channel':
       return 0
+    return postprocess.least_consistent_label(
+        *self.label_vectors(images_NxSxSx3, labels_list, num_labels))
+
+  def label_vectors(self, images_NxSxSx3, labels_list, num_labels):
+    """(NxLxD vectors, NxL present): each label of each image masks its image (Eq. 1 with
+    the one-hot map) and goes through f with the loss' pooling; labels (any size) are
+    resized (nearest) to the network input."""
     size = images_NxSxSx3.shape[1]
     vectors, present = [], []
     for image, labels in zip(images_NxSxSx3, labels_list):
@@ -88,7 +94,7 @@ class Background:
       one_hot_1xSxSxL = np.eye(num_labels, dtype=np.float32)[lab][None]
       vectors.append(np.asarray(self.vectors(self.frozen, image[None], one_hot_1xSxSxL))[0])
       present.append(one_hot_1xSxSxL[0].sum(axis=(0, 1)) > 0)
-    return postprocess.least_consistent_label(np.stack(vectors), np.stack(present))
+    return np.stack(vectors), np.stack(present)
 
 
 def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
@@ -213,11 +219,14 @@ def label_group(config, group, maps, background=None):
 
 
 def score(config, group, labels):
-  """P/J of the group, or None without ground-truth masks."""
+  """P/J of the group, or None without ground-truth masks. With an estimated K the masks
+  may name more classes than K: those are scored too (a K too small loses them)."""
   if any(s.mask is None for s in group.samples):
     return None
-  return metrics.score_group(labels, [s.mask for s in group.samples], config.num_classes,
-                             fixed_background=True, names=[s.stem for s in group.samples])
+  masks = [s.mask for s in group.samples]
+  k = max([config.num_classes] + [int(m[m != 255].max(initial=0)) for m in masks])
+  return metrics.score_group(labels, masks, k, fixed_background=True,
+                             names=[s.stem for s in group.samples])
 
 
 def segment_group(config, group, images, model, extractor, extractor_vars, background,
@@ -269,6 +278,7 @@ def check_config(config):
   r = functools.partial(errors.check_range, config)
   if config.num_classes is not None:  # unset: each group's classes.txt gives K
     r('num_classes', 1, integer=True)
+  r('max_classes', 1, integer=True)
   r('model.attention_reduction', 1, integer=True)
   r('model.mutual_scale_power')
   r('loss.feature_scale', 0, above=True)
@@ -294,13 +304,26 @@ def check_config(config):
 
 def group_num_classes(config, group):
   """K of one group: config.num_classes, or (unset) the number of classes its classes.txt
-  names."""
+  names; None when neither says (`estimate_num_classes`)."""
   if config.num_classes is not None:
     return config.num_classes
-  if not group.class_names:
-    raise InputError(f'{group.path}: config.num_classes is unset and the group has no '
-                     f'classes.txt naming its classes (set --config.num_classes=K)')
-  return len(group.class_names)
+  return len(group.class_names) if group.class_names else None
+
+
+# Network input of the K estimate: which classes a group has needs no fine boundaries, and
+# at 384 px the k-means partitions found the true K less often (BUILD.md, "Estimating K").
+ESTIMATE_SIZE = 256
+
+
+def estimate_num_classes(config, group, extractor, extractor_vars, background):
+  """(K, {K: criterion}) of a group nobody gave K for (`multiclass.num_classes`), on the
+  clustering baseline's features and with the group's background rule."""
+  images = data.resize_batch([s.image for s in group.samples],
+                             min(config.data.image_size, ESTIMATE_SIZE))
+  feats = baseline.dense_features(extractor, extractor_vars, images,
+                                  cluster_taps(config, extractor))
+  rule = 'border' if config.infer.background == 'border' else 'consistency'
+  return estimate_k.estimate(background, images, feats, config.max_classes, config.seed, rule)
 
 
 def _lite0_input(config, backbone):
@@ -321,19 +344,20 @@ def load_groups(config, workdir):
                             min_images=config.data.batch_size)
             for path in demo.group_paths(config, workdir)]
   for group in groups:
-    if config.num_classes is None:  # the masks were not checked against its K yet
-      data.load_group(group.path, num_classes=group_num_classes(config, group),
-                      min_images=config.data.batch_size)
+    k = group_num_classes(config, group)
+    if config.num_classes is None and k is not None:  # the masks were not checked against K
+      data.load_group(group.path, num_classes=k, min_images=config.data.batch_size)
   return config, groups
 
 
 @dataclasses.dataclass
 class GroupOutput:
   """What the method gives for one group: soft maps (HxWx(K+1), original size, before
-  Eq. 8), label maps (0 = background), and P/J when the group has masks."""
+  Eq. 8), label maps (0 = background), P/J when the group has masks, and its K."""
   maps: list
   labels: list
   scores: dict | None
+  num_classes: int
 
 
 def cosegment_groups(config, groups, workdir=None):
@@ -343,9 +367,6 @@ def cosegment_groups(config, groups, workdir=None):
   directory, each group's checkpoints, loss log and (config.output.images) pictures go to
   workdir/<group>; without one nothing is written.
   """
-  group_k = {group.name: group_num_classes(config, group) for group in groups}
-  ks = sorted(set(group_k.values()))
-  k = ks[0] if len(ks) == 1 else group_k
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
@@ -368,6 +389,21 @@ def cosegment_groups(config, groups, workdir=None):
     return models[num_classes]
 
   background = Background.build(config, extractor, extractor_vars)
+  group_k, estimated = {}, {}
+  for group in groups:
+    group_k[group.name] = group_num_classes(config, group)
+    if group_k[group.name] is None:
+      group_k[group.name], loss_per_k = estimate_num_classes(
+          config, group, extractor, extractor_vars, background)
+      estimated[group.name] = {'num_classes': group_k[group.name],
+                               'criterion': 'co-attention loss of the k-means partition',
+                               'loss_per_k': {str(k): v for k, v in loss_per_k.items()}}
+      log.info('group %s: K = %d estimated (co-attention loss of the k-means partition per '
+               'K: %s)', group.name, group_k[group.name],
+               ', '.join(f'{k}: {v:.4f}' for k, v in loss_per_k.items()))
+  ks = sorted(set(group_k.values()))
+  k = ks[0] if len(ks) == 1 else group_k
+
   results, outputs = {}, {}
   for group in groups:
     group_dir = None if workdir is None else os.path.join(workdir, group.name)
@@ -388,10 +424,12 @@ def cosegment_groups(config, groups, workdir=None):
       results[group.name] = scores
     if config.output.images and group_dir is not None:
       _write_group_images(group, labels, scores, group_dir)
-    outputs[group.name] = GroupOutput(maps, labels, scores)
+    outputs[group.name] = GroupOutput(maps, labels, scores, gconfig.num_classes)
 
   summary = {'method': method, 'backbones': backbones_used, 'num_classes': k,
              'inference': config.infer.method, 'groups': {}}
+  if estimated:
+    summary['num_classes_estimated'] = estimated
   if results:
     summary.update(metrics.summarize(results))
     log.info('\n%s', metrics.format_table(summary))
