@@ -1,4 +1,6 @@
 """End to end on the built-in demo with the real EfficientNet-Lite0 weights."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -6,6 +8,7 @@ from coseg_jax.backbones import weights
 from coseg_jax.core import config as defaults
 from coseg_jax.core import data
 from coseg_jax.core import demo
+from coseg_jax.multiclass import baseline
 from coseg_jax.multiclass import pipeline as multiclass
 
 
@@ -43,3 +46,30 @@ def test_training_raises_j_on_demo_group(tmp_path):
   after = j_of(trained)
   assert float(trained['attention']['gamma']) != 0.0   # the attention module was trained
   assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
+  """Step 0 of the default method (cluster init on the default encoder tap) labels the
+  group as the clustering baseline does, with confident maps (what the CRF keeps)."""
+  config = defaults.multiclass()
+  config.num_classes = 2
+  config.data.image_size = 96
+  group = data.load_group(demo.make_multiclass_demo(str(tmp_path / 'demo'), 2),
+                          num_classes=2, min_images=config.data.batch_size)
+  lite0, lite0_vars = weights.load_backbone('efficientnet_lite0', config.weights)
+  lite0 = multiclass._lite0_input(config, lite0)
+  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+  model = multiclass.Model.build(config, 2, lite0, lite0_vars, lite0)
+  params = multiclass.cluster_init(model.features, model.params, images, 2, config.seed,
+                                   temperature=config.model.cluster_init_temperature)
+  maps = np.asarray(model.maps(params, images))
+  baseline_maps = baseline.cluster_baseline(
+      lite0, lite0_vars, images, [images.shape[1:3]] * len(images), 2, config.seed,
+      tap=multiclass.cluster_taps(config, lite0))
+  # Same partition up to the cluster order (the init moves the background to channel 0).
+  pred, ref = maps.argmax(-1).ravel(), np.stack(baseline_maps).argmax(-1).ravel()
+  agree = max(np.mean(np.array(perm)[pred] == ref)
+              for perm in itertools.permutations(range(3)))
+  assert agree > 0.95, agree
+  assert maps.max(-1).mean() > 0.9   # confident unaries, not a soft blend

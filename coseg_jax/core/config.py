@@ -134,8 +134,9 @@ def multiclass():
   # Frozen extractor f: 'auto' (resnet50 if found, else efficientnet_lite0), 'resnet50'
   # (the thesis) or 'efficientnet_lite0'.
   c.model.extractor = 'auto'
-  # Encoder feature the attention and classifier work on: 'auto' (conv5_3 for vgg16, the
-  # 1280-d head for efficientnet_lite0) or any tap of the encoder (e.g. stride16).
+  # Encoder feature the attention and classifier work on: 'auto' (conv5_3 for vgg16,
+  # stride16+stride32 for efficientnet_lite0: the clustering baseline's features, so the
+  # 'cluster' init starts as the baseline) or any tap of the encoder ('head', stride16).
   c.model.encoder_tap = 'auto'
   # Dense features the clustering baseline clusters, from the extractor; 'a+b' combines
   # taps (each unit per pixel, resized to the finest grid). 'auto': stride16+stride32 for
@@ -146,8 +147,13 @@ def multiclass():
   # 'imagenet' (mean/std).
   c.model.lite0_input = 'tflite'
   # 1x1 classifier initialisation: 'random' (lecun normal) or 'cluster' (k-means
-  # centroids of the group's encoder features, border cluster as background; BUILD.md).
+  # centroids of the group's encoder features, the background rule's cluster as channel 0;
+  # BUILD.md).
   c.model.classifier_init = 'cluster'
+  # Sharpness of the 'cluster' init: logits = T <f, c_k> / mean|f|. At 40 the step-0 maps
+  # are the k-means labels with confident unaries, so the CRF keeps them (at 10 the soft
+  # unaries lost 17 J to the CRF on car/road/building; BUILD.md).
+  c.model.cluster_init_temperature = 40.0
   # Attention on the deepest encoder map: 'none' | 'sa' | 'ma' | 'sa_ma' (Tables 3-4).
   c.model.attention = 'sa_ma'
   # Mutual attention squashes column sums v of the row-softmax with sigmoid(v * M**-p);

@@ -13,10 +13,11 @@ from coseg_jax.multiclass.attention import AttentionModule
 from coseg_jax.multiclass.attention import AttentionSpec
 from coseg_jax.multiclass.baseline import select_taps
 
-# The deepest feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
-# thesis' FCN; EfficientNet-Lite0's 1280-d head (stride 32), whose semantics the
-# stride-16 blocks lack (BUILD.md). 'a+b' names a multi-scale feature (`baseline.multiscale`).
-ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'head'}
+# The encoder feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
+# thesis' FCN; for EfficientNet-Lite0 the clustering baseline's multi-scale feature
+# (`baseline.multiscale` of stride 16 and 32), the best k-means features on real photos, so
+# the 'cluster' init starts from the strongest baseline (BUILD.md).
+ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'stride16+stride32'}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,7 +158,7 @@ class Model:
                               train.TrainConfig.from_config(config)))
 
 
-def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperature=10.0,
+def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperature,
                  background=None):
   """The classifier initialised from k-means of the group's encoder features (BUILD.md).
 
@@ -248,6 +248,7 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
     # to read yet, so it starts from the consistency rule.
     rule = 'border' if config.infer.background == 'border' else 'consistency'
     params = cluster_init(model.features, params, images, config.num_classes, config.seed,
+                          temperature=config.model.cluster_init_temperature,
                           background=lambda labels: background.label(
                               images, labels, config.num_classes + 1, rule=rule))
   params = train_generator(config, model, params, images, extractor, extractor_vars, group_dir,
@@ -280,6 +281,7 @@ def check_config(config):
     r('num_classes', 1, integer=True)
   r('max_classes', 1, integer=True)
   r('model.attention_reduction', 1, integer=True)
+  r('model.cluster_init_temperature', 0, above=True)
   r('model.mutual_scale_power')
   r('loss.feature_scale', 0, above=True)
   r('loss.coverage_weight', 0)
