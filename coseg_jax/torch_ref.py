@@ -27,6 +27,7 @@ from coseg_jax.backbones import convert
 from coseg_jax.backbones import modules as backbones
 from coseg_jax.instance import model as deepco3
 from coseg_jax.multiclass import attention
+from coseg_jax.multiclass import baseline
 from coseg_jax.multiclass import generator
 
 # Written from the published preprocessing, not imported, so a wrong constant on the JAX
@@ -365,20 +366,31 @@ def mutual_attention(q_BxMxD, k_BxMxD, v_BxMxD, scale):
   return torch.cat([fg_BxMxD, v_BxMxD - fg_BxMxD], -1)
 
 
+def select_taps(out, taps):
+  """Twin of `baseline.select_taps`: one tap as it is; several unit per pixel, resized to
+  the finest grid and concatenated."""
+  if len(taps) == 1:
+    return out[taps[0]]
+  h, w = max(out[t].shape[2] for t in taps), max(out[t].shape[3] for t in taps)
+  return torch.cat([resize_bilinear(out[t] / out[t].norm(dim=1, keepdim=True).clamp_min(1e-12),
+                                    (h, w)) for t in taps], 1)
+
+
 class Generator(nn.Module):
   """Twin of `generator.Generator`: encoder -> attention -> 1x1 classifier -> resize -> softmax."""
 
   def __init__(self, spec: generator.GeneratorSpec, encoder_name):
     super().__init__()
     self.spec = spec
-    channels = backbones.tap_info(encoder_name)[spec.tap][1]
+    self.taps = baseline.split_taps(spec.tap)
+    channels = sum(backbones.tap_info(encoder_name)[t][1] for t in self.taps)
     self.encoder = make_backbone(encoder_name)
     self.attention = Attention(channels, spec.attention)
     self.classifier = nn.Conv2d(channels, spec.num_classes + 1, 1)
 
   def forward(self, x01_Bx3xHxW):
-    feat = self.encoder(preprocess(x01_Bx3xHxW, self.spec.preprocessing),
-                        taps=(self.spec.tap,))[self.spec.tap]
+    feat = select_taps(self.encoder(preprocess(x01_Bx3xHxW, self.spec.preprocessing),
+                                    taps=self.taps), self.taps)
     logits = self.classifier(self.attention(feat))
     return torch.softmax(resize_bilinear(logits, x01_Bx3xHxW.shape[-2:]), dim=1)
 

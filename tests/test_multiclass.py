@@ -67,9 +67,12 @@ def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
   baseline_maps = baseline.cluster_baseline(
       lite0, lite0_vars, images, [images.shape[1:3]] * len(images), 2, config.seed,
       tap=multiclass.cluster_taps(config, lite0))
-  # Same partition up to the cluster order (the init moves the background to channel 0).
-  pred, ref = maps.argmax(-1).ravel(), np.stack(baseline_maps).argmax(-1).ravel()
+  # Same partition up to the cluster order (the init moves the background to channel 0),
+  # read at the stride-16 feature cells (both are upsampled from there differently).
+  cells = (slice(None), slice(8, None, 16), slice(8, None, 16))
+  pred = maps.argmax(-1)[cells].ravel()
+  ref = np.stack(baseline_maps).argmax(-1)[cells].ravel()
   agree = max(np.mean(np.array(perm)[pred] == ref)
               for perm in itertools.permutations(range(3)))
-  assert agree > 0.95, agree
+  assert agree > 0.98, agree
   assert maps.max(-1).mean() > 0.9   # confident unaries, not a soft blend
