@@ -244,9 +244,7 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
         config.num_classes, config.seed, tap=cluster_taps(config, extractor))
   params = model.params
   if config.model.classifier_init == 'cluster':
-    # The init names its background channel by the group's rule; 'channel' has no channel
-    # to read yet, so it starts from the consistency rule.
-    rule = 'border' if config.infer.background == 'border' else 'consistency'
+    rule = untrained_rule(config)
     params = cluster_init(model.features, params, images, config.num_classes, config.seed,
                           temperature=config.model.cluster_init_temperature,
                           background=lambda labels: background.label(
@@ -324,8 +322,14 @@ def estimate_num_classes(config, group, extractor, extractor_vars, background):
                              min(config.data.image_size, ESTIMATE_SIZE))
   feats = baseline.dense_features(extractor, extractor_vars, images,
                                   cluster_taps(config, extractor))
-  rule = 'border' if config.infer.background == 'border' else 'consistency'
-  return estimate_k.estimate(background, images, feats, config.max_classes, config.seed, rule)
+  return estimate_k.estimate(background, images, feats, config.max_classes, config.seed,
+                             untrained_rule(config))
+
+
+def untrained_rule(config):
+  """The background rule for k-means clusters (the init, the K estimate): the group's
+  rule, where 'channel' has no trained channel to read yet and means 'consistency'."""
+  return 'border' if config.infer.background == 'border' else 'consistency'
 
 
 def _lite0_input(config, backbone):
@@ -457,9 +461,7 @@ def _background_rule(config, images, background):
   uses 'consistency')."""
   if config.baseline == 'center':
     return lambda labels: 0
-  rule = config.infer.background
-  if rule == 'channel' and config.baseline == 'cluster':
-    rule = 'consistency'
+  rule = untrained_rule(config) if config.baseline == 'cluster' else config.infer.background
   return lambda labels: background.label(images, labels, config.num_classes + 1, rule=rule)
 
 
