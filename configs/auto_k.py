@@ -13,5 +13,4 @@ from coseg_jax.core import config as defaults
 def get_config():
   c = defaults.multiclass()
   c.num_classes = None  # K: unset, so read from classes.txt or estimated per group.
-  c.max_classes = 5  # Largest K the estimate considers.
   return c

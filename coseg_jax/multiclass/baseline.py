@@ -20,7 +20,7 @@ _RESTARTS = 4
 _ITERATIONS = 30
 
 
-def unit(x_NxC):
+def _unit(x_NxC):
   return x_NxC / np.maximum(np.linalg.norm(x_NxC, axis=1, keepdims=True), 1e-12)
 
 
@@ -31,7 +31,7 @@ def kmeans_group(dense_feats_list, num_clusters, seed):
   direction, not the activation magnitude. Deterministic for a given seed.
   """
   feats = [np.asarray(f, np.float32) for f in dense_feats_list]
-  x_NxC = unit(np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats]))
+  x_NxC = _unit(np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats]))
   rng = np.random.default_rng(seed)
   best_inertia, best = np.inf, None
   for _ in range(_RESTARTS):
@@ -41,7 +41,7 @@ def kmeans_group(dense_feats_list, num_clusters, seed):
     if inertia < best_inertia:
       best_inertia, best = inertia, (centers_KxC, labels_N)
   splits = np.cumsum([f.shape[0] * f.shape[1] for f in feats])[:-1]
-  return unit(best[0]), [labels.reshape(f.shape[:2]).astype(np.uint8)
+  return _unit(best[0]), [labels.reshape(f.shape[:2]).astype(np.uint8)
                           for labels, f in zip(np.split(best[1], splits), feats)]
 
 

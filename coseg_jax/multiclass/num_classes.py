@@ -16,20 +16,16 @@ import numpy as np
 
 from coseg_jax.multiclass import baseline
 from coseg_jax.multiclass import losses
-from coseg_jax.multiclass import postprocess
 
 
 def partition_loss(background, images_NxSxSx3, dense_feats_list, num_classes, seed, rule):
   """Co-attention loss of the group's (K + 1)-cluster k-means partition, with the
-  cluster `rule` ('border', else the consistency rule: there is no trained channel yet)
-  names as background. `background`: the run's `pipeline.Background`."""
+  cluster `rule` names as background. `background`: the run's `pipeline.Background`."""
   k1 = num_classes + 1
   labels = baseline.cluster_group(dense_feats_list, k1, seed)
   vectors_NxK1xD, present_NxK1 = background.label_vectors(images_NxSxSx3, labels, k1)
-  if rule == 'border':
-    bg = postprocess.border_label(labels, k1)
-  else:
-    bg = postprocess.least_consistent_label(vectors_NxK1xD, present_NxK1)
+  bg = background.label(images_NxSxSx3, labels, k1, rule=rule,
+                        vectors=(vectors_NxK1xD, present_NxK1))
   order = np.arange(k1)
   order[[0, bg]] = order[[bg, 0]]
   return float(losses.coattention_loss(jnp.asarray(vectors_NxK1xD[:, order])))

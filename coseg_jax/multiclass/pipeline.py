@@ -69,11 +69,12 @@ class Background:
     return cls(config.infer.background,
                jax.jit(functools.partial(masked_vectors, extractor, config.loss)), extractor_vars)
 
-  def label(self, images_NxSxSx3, labels_list, num_labels, rule=None):
+  def label(self, images_NxSxSx3, labels_list, num_labels, rule=None, vectors=None):
     """The label the rule names.
 
     'consistency': the label whose `label_vectors` agree least across the group
-    (`postprocess.least_consistent_label`).
+    (`postprocess.least_consistent_label`); `vectors` passes them where the caller has
+    them already.
     """
     rule = rule or self.rule
     if rule == 'border':
@@ -81,7 +82,8 @@ class Background:
     if rule == 'channel':
       return 0
     return postprocess.least_consistent_label(
-        *self.label_vectors(images_NxSxSx3, labels_list, num_labels))
+        *(vectors if vectors is not None
+          else self.label_vectors(images_NxSxSx3, labels_list, num_labels)))
 
   def label_vectors(self, images_NxSxSx3, labels_list, num_labels):
     """(NxLxD vectors, NxL present): each label of each image masks its image (Eq. 1 with
