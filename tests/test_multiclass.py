@@ -1,6 +1,7 @@
 """End to end on the built-in demo with the real EfficientNet-Lite0 weights."""
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
@@ -33,15 +34,16 @@ def test_training_raises_j_on_demo_group(tmp_path):
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
   model = multiclass.Model.build(config, config.num_classes, lite0, lite0_vars, lite0)
   params = model.params
+  inputs = model.inputs(images)
 
   def j_of(p):
-    maps = multiclass.group_maps(config, model, p, images, group)
+    maps = multiclass.group_maps(config, model, p, inputs, group)
     assert maps[0].shape == (*group.samples[0].image.shape[:2], 3)
     np.testing.assert_allclose(maps[0].sum(-1), 1.0, rtol=1e-4)
     return multiclass.score(config, group, multiclass.label_group(config, group, maps))['J']
 
   before = j_of(params)
-  trained = multiclass.train_generator(config, model, params, images, lite0, lite0_vars,
+  trained = multiclass.train_generator(config, model, params, inputs, lite0, lite0_vars,
                                        str(tmp_path / 'run'), desc='test')
   after = j_of(trained)
   assert float(trained['attention']['gamma']) != 0.0   # the attention module was trained
@@ -61,9 +63,9 @@ def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
   lite0 = multiclass._lite0_input(config, lite0)
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
   model = multiclass.Model.build(config, 2, lite0, lite0_vars, lite0)
-  params = multiclass.cluster_init(model.features, model.params, images, 2, config.seed,
+  params = multiclass.cluster_init(model.encoder_features(images), model.params, 2, config.seed,
                                    temperature=config.model.cluster_init_temperature)
-  maps = np.asarray(model.maps(params, images))
+  maps = np.asarray(model.maps(params, model.inputs(images)))
   baseline_maps = baseline.cluster_baseline(
       lite0, lite0_vars, images, [images.shape[1:3]] * len(images), 2, config.seed,
       tap=multiclass.cluster_taps(config, lite0))
@@ -76,3 +78,32 @@ def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
               for perm in itertools.permutations(range(3)))
   assert agree > 0.98, agree
   assert maps.max(-1).mean() > 0.9   # confident unaries, not a soft blend
+
+
+@pytest.mark.slow
+def test_a_frozen_encoder_trains_the_head_on_features_computed_once(tmp_path):
+  """`train.freeze_encoder`: the maps from the features computed once are the full
+  generator's, and training moves the head but leaves the encoder's weights as loaded."""
+  config = defaults.multiclass()
+  config.train.freeze_encoder = True
+  config.num_classes = 2
+  config.data.image_size = 64
+  config.train.epochs = 1
+  config.output.quiet = True
+  group = data.load_group(demo.make_multiclass_demo(str(tmp_path / 'demo'), 2),
+                          num_classes=2, min_images=config.data.batch_size)
+  lite0, lite0_vars = weights.load_backbone('efficientnet_lite0', config.weights)
+  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+  model = multiclass.Model.build(config, 2, lite0, lite0_vars, lite0)
+  params = multiclass.cluster_init(model.encoder_features(images), model.params, 2, config.seed,
+                                   temperature=config.model.cluster_init_temperature)
+  inputs = model.inputs(images)
+  assert set(inputs) == {'image', 'feat'}
+  batch = {k: v[:config.data.batch_size] for k, v in inputs.items()}
+  np.testing.assert_allclose(np.asarray(model.maps(params, batch)),
+                             np.asarray(model.gen.apply({'params': params}, batch['image'])),
+                             atol=1e-5)
+  trained = multiclass.train_generator(config, model, params, inputs, lite0, lite0_vars, None,
+                                       desc='test')
+  assert jax.tree.all(jax.tree.map(np.array_equal, trained['encoder'], params['encoder']))
+  assert not np.allclose(trained['classifier']['kernel'], params['classifier']['kernel'])

@@ -97,8 +97,8 @@ def test_cluster_init_starts_from_the_kmeans_partition_with_border_as_background
                               attention=attention.AttentionSpec(mode='none')),
       encoder=_PixelEncoder())
   params = gen.init(jax.random.PRNGKey(0), x)['params']
-  features = lambda p, x: gen.apply({'params': p}, x, method=gen.features)
-  params = multiclass.cluster_init(features, params, x, num_classes=1, seed=0,
+  feats = gen.apply({'params': params}, x, method=gen.features)
+  params = multiclass.cluster_init(feats, params, num_classes=1, seed=0,
                                    temperature=defaults.multiclass().model.cluster_init_temperature)
   labels = np.asarray(gen.apply({'params': params}, x)).argmax(-1)
   np.testing.assert_array_equal(labels, np.stack(truths))

@@ -164,13 +164,15 @@ def jit_step(loss_fn, optimizer, mesh):
 
 
 def predict_in_batches(apply_fn, items_NxD, batch_size):
-  """`apply_fn` over fixed-size batches of `items_NxD` (one compile; the last batch wraps
-  around to the start, as models with cross-image terms need partners): per item, its
-  outputs as numpy (a pytree of arrays with a leading batch axis)."""
-  n = len(items_NxD)
+  """`apply_fn` over fixed-size batches of `items_NxD` (an array or a pytree of arrays with
+  a common leading axis; one compile; the last batch wraps around to the start, as models
+  with cross-image terms need partners): per item, its outputs as numpy (a pytree of
+  arrays with a leading batch axis)."""
+  n = len(jax.tree.leaves(items_NxD)[0])
   out = []
   for start in range(0, n, batch_size):
-    batch = jax.tree.map(np.asarray, apply_fn(items_NxD[np.arange(start, start + batch_size) % n]))
+    idx = np.arange(start, start + batch_size) % n
+    batch = jax.tree.map(np.asarray, apply_fn(jax.tree.map(lambda a, i=idx: a[i], items_NxD)))
     out.extend(jax.tree.map(lambda a, i=i: a[i], batch) for i in range(min(batch_size, n - start)))
   return out
 

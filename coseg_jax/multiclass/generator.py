@@ -39,11 +39,15 @@ class Generator(nn.Module):
                        self.spec.tap)
 
   @nn.compact
-  def __call__(self, x01_BxHxWx3):
-    b, h, w, _ = x01_BxHxWx3.shape
-    feat_BxhxwxC = self.features(x01_BxHxWx3)
+  def head(self, feat_BxhxwxC, out_hw):
+    """Attention, classifier, upsampling to `out_hw` and softmax on encoder features: the
+    part that trains when the encoder is frozen (its features are then computed once)."""
+    b = feat_BxhxwxC.shape[0]
+    k1 = self.spec.num_classes + 1
     feat_BxhxwxC = AttentionModule(self.spec.attention, name='attention')(feat_BxhxwxC)
-    logits_Bxhxwx1K = nn.Conv(self.spec.num_classes + 1, (1, 1), name='classifier')(feat_BxhxwxC)
-    logits_BxHxWx1K = jax.image.resize(
-        logits_Bxhxwx1K, (b, h, w, self.spec.num_classes + 1), method='bilinear')
+    logits_Bxhxwx1K = nn.Conv(k1, (1, 1), name='classifier')(feat_BxhxwxC)
+    logits_BxHxWx1K = jax.image.resize(logits_Bxhxwx1K, (b, *out_hw, k1), method='bilinear')
     return jax.nn.softmax(logits_BxHxWx1K, axis=-1)
+
+  def __call__(self, x01_BxHxWx3):
+    return self.head(self.features(x01_BxHxWx3), x01_BxHxWx3.shape[1:3])

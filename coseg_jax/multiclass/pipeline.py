@@ -99,9 +99,18 @@ class Background:
     return np.stack(vectors), np.stack(present)
 
 
+def generator_maps(gen, params, inputs):
+  """Co-attention maps of a batch of generator inputs (`Model.inputs`): from the images, or,
+  with the encoder frozen, from its features computed once (`inputs['feat']`)."""
+  if 'feat' in inputs:
+    return gen.apply({'params': params}, inputs['feat'], inputs['image'].shape[1:3],
+                     method=gen.head)
+  return gen.apply({'params': params}, inputs['image'])
+
+
 def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
   """Co-attention loss of one mini-batch; gradients reach the generator only."""
-  maps_BxHxWxK1 = gen.apply({'params': params}, batch['image'])
+  maps_BxHxWxK1 = generator_maps(gen, params, batch)
   loss = maps_loss(extractor, loss_cfg, frozen, batch['image'], maps_BxHxWxK1)
   if loss_cfg.coverage_weight:
     loss += loss_cfg.coverage_weight * losses.coverage_loss(
@@ -143,8 +152,9 @@ class Model:
   once per run and shared by every group of that K, so nothing compiles per group."""
   gen: generator.Generator
   params: dict
-  features: Callable  # (params, x_BxSxSx3) -> encoder features at the classifier
-  maps: Callable  # (params, x_BxSxSx3) -> co-attention maps BxSxSx(K+1)
+  freeze_encoder: bool  # train.freeze_encoder: only the head (attention, classifier) trains
+  features: Callable  # (encoder params, x_BxSxSx3) -> encoder features at the classifier
+  maps: Callable  # (params, inputs) -> co-attention maps BxSxSx(K+1) (`generator_maps`)
   trainer: train.Trainer
 
   @classmethod
@@ -154,22 +164,40 @@ class Model:
         gen=gen,
         params=init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
                            config.seed),
-        features=jax.jit(lambda p, x: gen.apply({'params': p}, x, method=gen.features)),
-        maps=jax.jit(lambda p, x: gen.apply({'params': p}, x)),
+        freeze_encoder=config.train.freeze_encoder,
+        features=jax.jit(lambda p, x: gen.apply({'params': {'encoder': p}}, x,
+                                                method=gen.features)),
+        maps=jax.jit(functools.partial(generator_maps, gen)),
         trainer=train.Trainer(functools.partial(loss_fn, gen, extractor, config.loss),
                               train.TrainConfig.from_config(config)))
 
+  def encoder_features(self, images_NxSxSx3):
+    """The encoder features of a group at the initial (ImageNet) weights, image by image."""
+    return np.stack([np.asarray(self.features(self.params['encoder'], x[None]))[0]
+                     for x in images_NxSxSx3])
 
-def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperature,
-                 background=None):
+  def inputs(self, images_NxSxSx3, feats_NxhxwxC=None):
+    """What `maps` and the loss read per image: the images, and with a frozen encoder its
+    features (`feats_NxhxwxC` where the caller has them already)."""
+    if not self.freeze_encoder:
+      return {'image': images_NxSxSx3}
+    if feats_NxhxwxC is None:
+      feats_NxhxwxC = self.encoder_features(images_NxSxSx3)
+    return {'image': images_NxSxSx3, 'feat': feats_NxhxwxC}
+
+  def trainable(self, params):
+    return {k: v for k, v in params.items() if not (self.freeze_encoder and k == 'encoder')}
+
+
+def cluster_init(feats_NxhxwxC, params, num_classes, seed, temperature, background=None):
   """The classifier initialised from k-means of the group's encoder features (BUILD.md).
 
   logits_k = temperature * <f, c_k> / mean|f| for unit centroids c_k is a soft
   nearest-centroid rule; the cluster that `background(label maps)` names becomes channel 0
-  (default: the cluster owning most image border). `features(params, x_BxSxSx3)` is the
-  generator's encoder output (`Model.features`).
+  (default: the cluster owning most image border). `feats_NxhxwxC` are the generator's
+  encoder features of the group (`Model.encoder_features`).
   """
-  feats = [np.asarray(features(params, x[None]))[0] for x in images_NxSxSx3]
+  feats = list(feats_NxhxwxC)
   centers_K1xC, labels = baseline.kmeans_group(feats, num_classes + 1, seed)
   order = np.arange(num_classes + 1)
   if background is None:
@@ -183,25 +211,25 @@ def cluster_init(features, params, images_NxSxSx3, num_classes, seed, temperatur
                                   'bias': jnp.zeros((num_classes + 1,), jnp.float32)})
 
 
-def train_generator(config, model, params, images, extractor, extractor_vars, group_dir, desc):
-  """Trains one group's generator (resuming from group_dir/checkpoints; group_dir None:
-  in memory only)."""
+def train_generator(config, model, params, inputs, extractor, extractor_vars, group_dir, desc):
+  """Trains one group's generator on its `Model.inputs` (resuming from
+  group_dir/checkpoints; group_dir None: in memory only); returns all of its params."""
   in_dir = lambda name: None if group_dir is None else os.path.join(group_dir, name)
-  data = {'image': images}
+  data = dict(inputs)
   if config.loss.coverage_weight:
     # The coverage term's features of the unmasked images: frozen, so computed once.
     data['dense'] = np.stack(baseline.dense_features(
-        extractor, extractor_vars, images, cluster_taps(config, extractor)))
-  params, _ = model.trainer.fit(
-      params, extractor_vars, data, ckpt_dir=in_dir('checkpoints'),
+        extractor, extractor_vars, inputs['image'], cluster_taps(config, extractor)))
+  trained, _ = model.trainer.fit(
+      model.trainable(params), extractor_vars, data, ckpt_dir=in_dir('checkpoints'),
       log_path=in_dir('loss.jsonl'), quiet=config.output.quiet, desc=desc)
-  return params
+  return dict(params, **trained)
 
 
-def group_maps(config, model, params, images, group):
-  """Co-attention maps of every image of `group`, resized to its original size; in
-  batches of the training size, as mutual attention needs partners."""
-  maps = train.predict_in_batches(functools.partial(model.maps, params), images,
+def group_maps(config, model, params, inputs, group):
+  """Co-attention maps of every image of `group` (its `Model.inputs`), resized to its
+  original size; in batches of the training size, as mutual attention needs partners."""
+  maps = train.predict_in_batches(functools.partial(model.maps, params), inputs,
                                   config.data.batch_size)
   return [data.resize_probs(m, s.image.shape[:2]) for m, s in zip(maps, group.samples)]
 
@@ -245,15 +273,19 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
         extractor, extractor_vars, images, [s.image.shape[:2] for s in group.samples],
         config.num_classes, config.seed, tap=cluster_taps(config, extractor))
   params = model.params
+  feats = None
+  if config.model.classifier_init == 'cluster' or model.freeze_encoder:
+    feats = model.encoder_features(images)
   if config.model.classifier_init == 'cluster':
     rule = untrained_rule(config)
-    params = cluster_init(model.features, params, images, config.num_classes, config.seed,
+    params = cluster_init(feats, params, config.num_classes, config.seed,
                           temperature=config.model.cluster_init_temperature,
                           background=lambda labels: background.label(
                               images, labels, config.num_classes + 1, rule=rule))
-  params = train_generator(config, model, params, images, extractor, extractor_vars, group_dir,
+  inputs = model.inputs(images, feats)
+  params = train_generator(config, model, params, inputs, extractor, extractor_vars, group_dir,
                            desc=f'train {group.name}')
-  return group_maps(config, model, params, images, group)
+  return group_maps(config, model, params, inputs, group)
 
 
 # Dense taps of the clustering baseline per extractor ('auto'): one stride-16 and one
