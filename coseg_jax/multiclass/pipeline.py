@@ -186,7 +186,10 @@ class Model:
     return {'image': images_NxSxSx3, 'feat': feats_NxhxwxC}
 
   def trainable(self, params):
-    return {k: v for k, v in params.items() if not (self.freeze_encoder and k == 'encoder')}
+    """The params the optimizer sees: all of them, or with a frozen encoder the head's."""
+    if not self.freeze_encoder:
+      return params
+    return {k: v for k, v in params.items() if k != 'encoder'}
 
 
 def cluster_init(feats_NxhxwxC, params, num_classes, seed, temperature, background=None):
