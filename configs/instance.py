@@ -14,11 +14,13 @@ for EfficientNet-Lite0 on real photographs (BUILD.md, "Real photographs (DeepCO3
 the ImageNet backbone is fine-tuned at lr 1e-5 and the zero-initialised saliency head at
 100x that (1e-3): with the whole network at 1e-3 the saliency loss did not move in 40
 steps on fudanped24 (0.114 -> 0.106, S > 0.5 almost everywhere), at 1e-5 / 1e-3 it fell
-to 0.039; 10 epochs instead of 40 (a 24-image group is 40 steps); the saliency prior is
-'ddt_mbd' and instance peaks must be salient (config.rank.peak_min_score). The paper's
-setting, e.g. with VGG16 weights:
+to 0.039; 40 steps instead of 40 epochs (train.steps: the saliency loss is lowest near
+step 40 on a group of any size, and 10 epochs of the 74-image fudanped, 130 steps, lost
+half its mAP^r@0.25); the saliency prior is 'ddt_mbd' and instance peaks must be salient
+(config.rank.peak_min_score). The paper's setting, e.g. with VGG16 weights:
 
-  --config.train.learning_rate=1e-6 --config.train.head_lr_mult=1 --config.train.epochs=40
+  --config.train.learning_rate=1e-6 --config.train.head_lr_mult=1
+  --config.train.steps=0 --config.train.epochs=40
   --config.saliency.prior=mbd --config.rank.peak_min_score=-inf
 """
 from coseg_jax.core import config as defaults

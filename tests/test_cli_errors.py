@@ -156,8 +156,10 @@ DATA_CASES = [
         ('data.batch_size', 1, 'at least 2 images'),
         ('model.attention_reduction', 0, 'at least 1'),
         ('train.checkpoint_every', 0, 'at least 1'),
-        ('train.epochs', 0, 'at least 1'),
-        ('train.epochs', -1, 'at least 1'),
+        ('train.epochs', 0, 'at least 1 when config.train.steps is 0'),
+        ('train.epochs', -1, 'at least 0'),
+        ('train.steps', -1, 'at least 0'),
+        ('train.steps', 5, 'both set; set one to 0'),        # epochs is 1
         ('train.learning_rate', float('nan'), 'finite number, above 0'),
         ('train.on_mismatch', 'reuse', 'not one of stop | fresh'),
         ('infer.crf.gaussian_sxy', 0.0, 'above 0'),      # was a segfault in the CRF
@@ -182,7 +184,7 @@ def _config(root, overrides, method='multiclass'):
     c.num_classes = 2  # the test groups have no classes.txt to give K
   c.data.root = root
   c.data.image_size = 64
-  c.train.epochs = 1
+  c.train.epochs, c.train.steps = 1, 0
   c.output.quiet = True
   for key, value in overrides.items():
     section, _, field = key.rpartition('.')

@@ -41,7 +41,8 @@ def test_a_dataset_of_two_groups_compiles_once(tmp_path, monkeypatch, method):
   else:
     cfg, pipeline = config.instance(), instance
     cfg.data.batch_size = 2  # DeepCO3 pairs image i with i + B/2
-  cfg.data.root, cfg.data.image_size, cfg.train.epochs = root, SIZE, EPOCHS
+  cfg.data.root, cfg.data.image_size = root, SIZE
+  cfg.train.epochs, cfg.train.steps = EPOCHS, 0
   cfg.output.images, cfg.output.quiet = False, True
 
   compiles, at_group = [], []

@@ -38,7 +38,7 @@ def _config(root, **baseline):
   c.data.root = root
   c.data.image_size = 64
   c.data.batch_size = 2
-  c.train.epochs = 1
+  c.train.steps = 2  # one pass over the 4 images in batches of 2
   c.output.quiet = True
   c.update(baseline)
   return c
@@ -117,7 +117,7 @@ def test_deepco3_end_to_end(group_dir, tmp_path):
   # Scores come from the written masks, not from a different copy of them.
   assert scores['CorLoc_r'] == pytest.approx(_corloc(found, group))
   log = [json.loads(l) for l in open(os.path.join(out_dir, 'loss.jsonl'))]
-  assert [r['step'] for r in log] == [1, 2]  # one epoch of 4 images in batches of 2
+  assert [r['step'] for r in log] == [1, 2]
   assert all(np.isfinite(r['loss']) and r['copeaks_per_pair'] >= 1 for r in log)
 
 

@@ -5,6 +5,7 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
+from scipy import ndimage
 
 from coseg_jax.core.errors import InputError
 from coseg_jax.instance import proposals
@@ -117,6 +118,16 @@ def test_contours_inner_and_outer_band_borders_do_not_erode():
   bar[0, :5] = True  # touches three borders: only the bottom edge is a contour
   contour = proposals.contours(bar)[0]
   assert contour.sum() == 4 * 20 and contour[3:7].all()
+
+
+@pytest.mark.parametrize('width', [1, 2, 3, 4, 5, 8])
+def test_contours_equal_ndimage_grey_morphology_at_any_width(width):
+  # The definition the shifts implement: a width x width window, edge pixels repeated.
+  masks = np.random.default_rng(width).random((3, 17, 23)) > 0.55
+  size = (1, width, width)
+  want = (ndimage.maximum_filter(masks, size, mode='nearest')
+          != ndimage.minimum_filter(masks, size, mode='nearest'))
+  np.testing.assert_array_equal(proposals.contours(masks, width), want)
 
 
 def test_rank_proposals_hand_values():

@@ -164,6 +164,21 @@ def test_report_shows_the_resolved_config(cluster_run):
   assert config['baseline'] == 'cluster' and config['data']['image_size'] == 64
 
 
+@pytest.mark.parametrize('train_cfg, row', [({'epochs': 10, 'steps': 0}, ['epochs', '10']),
+                                            ({'epochs': 0, 'steps': 40}, ['steps', '40'])])
+def test_facts_give_the_training_length_that_ran(cluster_run, tmp_path, train_cfg, row):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(cluster_run, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  config.update(baseline='none', train=dict(config['train'], **train_cfg))
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  page = _Page(report.build(workdir))
+  other = {'epochs': 'steps', 'steps': 'epochs'}[row[0]]
+  assert page.row(row[0]) == row and not any(r and r[0][0] == other for r in page.rows)
+
+
 def test_instance_report_has_ground_truth_and_predictions(saliency_run):
   page = _page(saliency_run)
   alts = [img['alt'] for img in page.images]

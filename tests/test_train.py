@@ -76,6 +76,13 @@ def test_trains_compiles_once_and_logs(tmp_path):
   assert {'loss', 'epoch', 'abs_b'} <= set(lines[0])
 
 
+def test_steps_set_the_length_whatever_the_group_size(tmp_path):
+  tc = train.TrainConfig(epochs=3, batch_size=2, steps=4, learning_rate=0.3, weight_decay=0.0)
+  _, history = _fit(tmp_path, tc=tc)          # 5 items: 3 epochs would be 9 steps
+  assert [r['step'] for r in history] == [1, 2, 3, 4]
+  assert [r['epoch'] for r in history] == [1, 1, 1, 2]
+
+
 def test_signal_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch):
   full, _ = _fit(tmp_path / 'full')
 

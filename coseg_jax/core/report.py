@@ -228,7 +228,9 @@ def _facts(workdir, config, metrics):
            ('image size', data_cfg.get('image_size')), ('seed', config.get('seed')),
            ('baseline', config.get('baseline'))]
   if config.get('baseline') == 'none':
-    rows.append(('epochs', (config.get('train') or {}).get('epochs')))
+    train_cfg = config.get('train') or {}
+    rows.append(('steps', train_cfg['steps']) if train_cfg.get('steps')
+                else ('epochs', train_cfg.get('epochs')))
   return _table(['', ''], [[_esc(k), _esc(v)] for k, v in rows if v is not None], css='facts')
 
 

@@ -52,12 +52,13 @@ class TrainConfig:
   max_checkpoints: int = 2
   seed: int = 0
   head_lr_mult: float = 1.0
+  steps: int = 0  # > 0: the training length instead of `epochs`
 
   @classmethod
   def from_config(cls, config):
     t = config.train
-    return cls(epochs=t.epochs, batch_size=config.data.batch_size, learning_rate=t.learning_rate,
-               weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
+    return cls(epochs=t.epochs, batch_size=config.data.batch_size, steps=t.steps,
+               learning_rate=t.learning_rate, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
                checkpoint_every=t.checkpoint_every, max_checkpoints=t.max_checkpoints,
                seed=config.seed, head_lr_mult=t.head_lr_mult)
 
@@ -255,7 +256,7 @@ class Trainer:
     tc, mesh = self.tc, self.mesh
     num_items = len(next(iter(data.values())))
     per_epoch = steps_per_epoch(num_items, tc.batch_size)
-    total = tc.epochs * per_epoch
+    total = tc.steps or tc.epochs * per_epoch
     log.info('%s: %d device(s), batch of %d split %d-way', desc, mesh.size, tc.batch_size,
              mesh.shape['data'])
     if mesh.shape['replica'] > 1:
