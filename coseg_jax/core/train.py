@@ -57,10 +57,10 @@ class TrainConfig:
   @classmethod
   def from_config(cls, config):
     t = config.train
-    return cls(epochs=t.epochs, batch_size=config.data.batch_size, steps=t.steps,
-               learning_rate=t.learning_rate, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
-               checkpoint_every=t.checkpoint_every, max_checkpoints=t.max_checkpoints,
-               seed=config.seed, head_lr_mult=t.head_lr_mult)
+    return cls(epochs=t.epochs, steps=t.steps, batch_size=config.data.batch_size,
+               learning_rate=t.learning_rate, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+               eps=t.eps, checkpoint_every=t.checkpoint_every,
+               max_checkpoints=t.max_checkpoints, seed=config.seed, head_lr_mult=t.head_lr_mult)
 
 
 # Top-level parameter subtrees initialised from ImageNet weights; everything else
