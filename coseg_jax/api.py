@@ -11,7 +11,7 @@
 `images` is a sequence of HxW (grey), HxWx1, HxWx3 or HxWx4 (RGBA, composited over white)
 arrays (uint8, or float in [0, 1]), PIL images or paths, of any sizes; the whole sequence
 is one group. Keyword overrides are config fields by their leaf name (`image_size`,
-`attention`, `epochs`, `method`) or, where a leaf name is in several sections, by
+`attention`, `steps`, `method`) or, where a leaf name is in several sections, by
 enough of its path joined with '_' (`crf_iterations`, `saliency_folder`); an unknown
 name is a TypeError naming the close matches. `workdir=DIR` keeps what bin/run.py writes
 per group (checkpoints, loss log, pictures) plus metrics.json and config.json; without

@@ -36,10 +36,10 @@ def test_defaults_are_the_cli_configs(config_file, make):
 def test_overrides_by_leaf_name_and_unknown_or_ambiguous_names():
   config = api.multiclass_config()
   resolved = api.apply_overrides(config, dict(image_size=160, attention='ma', crf_iterations=2,
-                                              epochs=3, seed=4))
+                                              steps=3, seed=4))
   assert resolved['crf_iterations'] == 'infer.crf.iterations'
   assert (config.data.image_size, config.model.attention, config.infer.crf.iterations,
-          config.train.epochs, config.seed) == (160, 'ma', 2, 3, 4)
+          config.train.steps, config.seed) == (160, 'ma', 2, 3, 4)
   with pytest.raises(TypeError, match="'image_sise'.*did you mean image_size"):
     api.apply_overrides(config, {'image_sise': 64})
   with pytest.raises(TypeError, match='several config fields.*saliency_folder'):

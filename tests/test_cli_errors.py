@@ -532,7 +532,7 @@ def test_disk_full_during_a_checkpoint_on_a_real_tmpfs(tmp_path):
     root = _group(str(tmp_path / 'data' / 'grp'))
     proc = subprocess.run(
         [sys.executable, RUN_PY, '--config=configs/two_class.py', f'--workdir={workdir}',
-         f'--config.data.root={root}', '--config.data.image_size=64', '--config.train.epochs=1',
+         f'--config.data.root={root}', '--config.data.image_size=64', '--config.train.steps=2',
          '--config.infer.method=argmax', '--config.output.quiet=True'],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     leftovers = [os.path.join(p, n) for p, dirs, files in os.walk(workdir)
