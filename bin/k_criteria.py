@@ -29,7 +29,7 @@ def main():
   config.data.image_size, config.max_classes = args.size, args.max_classes
   extractor, extractor_vars = weights.load_backbone(
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
-  extractor = pipeline._lite0_input(config, extractor)
+  extractor = pipeline.lite0_input(config, extractor)
   background = pipeline.Background.build(config, extractor, extractor_vars)
   groups = [data.load_group(path) for path in args.groups]
   for k in (2, 3):

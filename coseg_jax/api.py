@@ -148,8 +148,7 @@ def _as_rgb(item, index):
                        f'(got {array.min():.0f}..{array.max():.0f})')
     array = np.round(array).astype(np.uint8)
   if array.shape[-1] == 4:
-    alpha = array[..., 3:].astype(np.float64) / 255.0
-    array = np.round(array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    array = data.over_white(array)
   return np.ascontiguousarray(array), None
 
 

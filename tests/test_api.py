@@ -9,6 +9,7 @@ import pytest
 
 from coseg_jax import api
 from coseg_jax.cli import flags
+from coseg_jax.core import data
 from coseg_jax.core import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,19 @@ def test_grey_rgba_float_pil_and_paths_become_rgb(tmp_path):
   for i in (4, 5, 6):
     np.testing.assert_array_equal(images[i], rgb)
   assert group.samples[6].image_path == str(path)
+
+
+def test_rgba_gives_the_same_pixels_as_an_array_a_pil_image_or_a_file(tmp_path):
+  rgb = _images(1)[0]
+  rgba = np.concatenate([rgb, np.zeros((*rgb.shape[:2], 1), np.uint8)], -1)
+  rgba[..., 3] = np.arange(rgba[..., 3].size).reshape(rgba.shape[:2]) % 256  # every alpha
+  path = tmp_path / 'a.png'
+  Image.fromarray(rgba).save(path)
+  images = [s.image for s in api.as_group([rgba, Image.fromarray(rgba), str(path)], 1).samples]
+  np.testing.assert_array_equal(images[0], data.read_image(str(path)))
+  for im in images[1:]:
+    np.testing.assert_array_equal(im, images[0])
+  assert images[0][rgba[..., 3] == 0].min() == 255
 
 
 @pytest.mark.slow

@@ -124,3 +124,7 @@ def test_num_classes_from_classes_txt(tmp_path):
   assert multiclass.group_num_classes(config, none) is None  # estimated (test_num_classes)
   config.num_classes = 4                   # an explicit K wins
   assert multiclass.group_num_classes(config, none) == 4
+  # With K unset, the masks are checked against the K classes.txt names.
+  with pytest.raises(InputError, match=r'im0\.png: unknown label\(s\) 3; expected 0\.\.2'):
+    data.load_group(_group_dir(tmp_path, 'd', ['building', 'sky'], 3))
+  assert len(data.load_group(str(tmp_path / 'd'), num_classes=3).samples) == 2

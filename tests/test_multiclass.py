@@ -78,7 +78,7 @@ def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
   group = data.load_group(demo.make_multiclass_demo(str(tmp_path / 'demo'), 2),
                           num_classes=2, min_images=config.data.batch_size)
   lite0, lite0_vars = weights.load_backbone('efficientnet_lite0', config.weights)
-  lite0 = multiclass._lite0_input(config, lite0)
+  lite0 = multiclass.lite0_input(config, lite0)
   images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
   model = multiclass.Model.build(config, 2, lite0, lite0_vars, lite0)
   params = multiclass.cluster_init(model.encoder_features(images), model.params, 2, config.seed,

@@ -101,7 +101,8 @@ def load_group(path, *, num_classes=None, need='none', min_images=1) -> Group:
 
   Args:
     path: a group folder, a VOC root or a VOC list file (from `find_groups`).
-    num_classes: K; mask labels above K (other than 255) are errors. None: unchecked.
+    num_classes: K; mask labels above K (other than 255) are errors. None: the K of the
+      group's classes.txt, unchecked without one.
     need: 'masks' or 'instances' makes missing annotations an error.
     min_images: fewer images is an error (the batch size).
   """
@@ -131,9 +132,15 @@ def read_image(path) -> np.ndarray:
     grey = np.clip(np.round(np.asarray(im, np.float64) / 257), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
   if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-    rgba = im.convert('RGBA')
-    im = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
+    return over_white(np.asarray(im.convert('RGBA')))
   return np.array(im.convert('RGB'))
+
+
+def over_white(rgba_HxWx4) -> np.ndarray:
+  """uint8 HxWx3 of a uint8 RGBA image composited over white (files and in-memory arrays
+  alike, so a picture gives the same pixels whichever way it arrives)."""
+  alpha = rgba_HxWx4[..., 3:].astype(np.float64) / 255.0
+  return np.round(rgba_HxWx4[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
 def _float_image(path, grey_HxW):
@@ -324,6 +331,9 @@ def _load_folder(path, num_classes, need, min_images):
   _require(need, 'instances', has_instances, path)
   _check_count(path, len(images), min_images)
   instance_files = _instance_files(instances_dir, images) if has_instances else None
+  class_names = _class_names(path)
+  if num_classes is None and class_names:
+    num_classes = len(class_names)
   samples = []
   for stem, image_path in images.items():
     image = read_image(image_path)
@@ -339,7 +349,7 @@ def _load_folder(path, num_classes, need, min_images):
     if has_instances:
       sample.instances = [_read_binary(p, image_path, image) for p in instance_files[stem]]
     samples.append(sample)
-  return Group(group_name(path), path, samples, _class_names(path))
+  return Group(group_name(path), path, samples, class_names)
 
 
 def _class_names(path):

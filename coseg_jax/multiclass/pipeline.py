@@ -369,7 +369,9 @@ def untrained_rule(config):
   return 'border' if config.infer.background == 'border' else 'consistency'
 
 
-def _lite0_input(config, backbone):
+def lite0_input(config, backbone):
+  """The backbone with model.lite0_input's normalisation where it is EfficientNet-Lite0
+  (the multi-class pipeline's choice; other wings keep the weights' own)."""
   if backbone.name != 'efficientnet_lite0':
     return backbone
   return dataclasses.replace(backbone, preprocessing=config.model.lite0_input)
@@ -383,13 +385,10 @@ def load_groups(config, workdir):
   if config.num_classes is None and config.data.root is None:
     config = config.copy_and_resolve_references()
     config.num_classes = 2  # the built-in demo group with two classes (the old default)
+  # With K unset, each group's masks are checked against its classes.txt.
   groups = [data.load_group(path, num_classes=config.num_classes,
                             min_images=config.data.batch_size)
             for path in demo.group_paths(config, workdir)]
-  for group in groups:
-    k = group_num_classes(config, group)
-    if config.num_classes is None and k is not None:  # the masks were not checked against K
-      data.load_group(group.path, num_classes=k, min_images=config.data.batch_size)
   return config, groups
 
 
@@ -414,7 +413,7 @@ def cosegment_groups(config, groups, workdir=None):
       weights.resolve_name(config.model.extractor, 'extractor', config.weights), config.weights)
   encoder, encoder_vars = weights.load_backbone(
       weights.resolve_name(config.model.encoder, 'encoder', config.weights), config.weights)
-  extractor, encoder = _lite0_input(config, extractor), _lite0_input(config, encoder)
+  extractor, encoder = lite0_input(config, extractor), lite0_input(config, encoder)
   backbones_used = {'encoder': {'name': encoder.name, 'weights': encoder.source},
                     'extractor': {'name': extractor.name, 'weights': extractor.source}}
   log.info('encoder: %s <- %s', encoder.name, encoder.source)
