@@ -220,8 +220,13 @@ def multiclass():
   # Gaussian (smoothness) kernel: spatial std in pixels and weight.
   c.infer.crf.gaussian_sxy = 3.0
   c.infer.crf.gaussian_compat = 3.0
-  # Bilateral (appearance) kernel: spatial std, colour std, weight.
-  c.infer.crf.bilateral_sxy = 50.0
+  # Bilateral (appearance) kernel: spatial std, colour std, weight. The generator's maps
+  # are stride-16 blobs, so the CRF draws the outlines: at a spatial std of 100-150 px
+  # (about a third of a 320 px photo) same-coloured pixels of one object share a label
+  # across it (+1.0 J over 50 on the five dev groups, flat from 100 to 150, baseline +0.3;
+  # BUILD.md, real photographs). More weight instead (bilateral_compat 40) smoothed the
+  # cars of car/road/building away.
+  c.infer.crf.bilateral_sxy = 100.0
   c.infer.crf.bilateral_srgb = 13.0
   c.infer.crf.bilateral_compat = 10.0
   # Unary = -log(clip(S~)); S~ is first raised to this power to sharpen or soften it.
