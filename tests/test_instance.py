@@ -4,6 +4,7 @@ import os
 import shutil
 
 import flax.linen as nn
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from coseg_jax.instance import baseline as instance_baseline
 from coseg_jax.instance import metrics as instance_metrics
 from coseg_jax.instance import model as deepco3
 from coseg_jax.instance import pipeline as instance
+from coseg_jax.instance import proposals
 from coseg_jax.instance import saliency
 
 _SIZE = 96  # demo images; the network sees 64 x 64
@@ -178,6 +180,33 @@ def test_saliency_components_hand_case():
   assert masks[1][4, 5:8].all()
   empty_masks, empty_scores = instance_baseline.saliency_components(np.full((4, 4), 0.5, np.float32))
   assert empty_masks.shape == (0, 4, 4) and not len(empty_scores)
+
+
+def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path):
+  """With `proposals.prior_components` the prior's components join the candidates, and a
+  peak's map on a person selects that person's outline where no proposal has it."""
+  yy, xx = np.mgrid[:24, :32]
+  people = [(yy - 12) ** 2 / 64 + (xx - 8) ** 2 / 16 <= 1, (yy - 12) ** 2 / 64 + (xx - 24) ** 2 / 16 <= 1]
+  prior = np.where(people[0] | people[1], 0.9, 0.05).astype(np.float32)
+  halves = np.zeros((2, 24, 32), bool)
+  halves[0, :, :16] = halves[1, :, 16:] = True  # each holds one person and its ground
+  with h5py.File(tmp_path / 'img.h5', 'w') as f:
+    f.create_dataset('masks', data=halves)
+  config = defaults.instance()
+  config.proposals.source, config.proposals.folder = 'folder', str(tmp_path)
+  sample = data.Sample('img', str(tmp_path / 'img.png'), np.zeros((24, 32, 3), np.uint8))
+  prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (8, 24)])
+  iou = lambda a, b: (a & b).sum() / (a | b).sum()
+  for with_components in (True, False):
+    config.proposals.prior_components = with_components
+    candidates = instance.candidate_masks(config, sample, prior)
+    assert len(candidates) == 2 + 2 * with_components
+    masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
+    best = [max(iou(m, p) for m in masks) for p in people]
+    if with_components:
+      assert min(best) == 1.0, best
+    else:
+      assert max(best) < 0.5, best
 
 
 def test_instance_labels_best_rank_wins_and_bbox():

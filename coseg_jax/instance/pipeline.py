@@ -117,11 +117,24 @@ def bbox_xywh(mask_HxW):
   return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
-def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw, sal_SxS, sample):
-  """DeepCO3 on one image: (masks by score, scores, proposals, number of peaks) at its size.
+def candidate_masks(config, sample, prior_HxW):
+  """The masks Eq. 7 chooses from: the configured proposals and, with
+  `proposals.prior_components`, the connected components of the image's saliency prior
+  (the baseline's instances), which follow a person's outline where the superpixel
+  grouping merges the person with the ground (BUILD.md, real photographs)."""
+  props = proposals.proposals_for(config.proposals, sample.stem, sample.image)
+  if config.proposals.prior_components:
+    props = np.concatenate([props, baseline.saliency_components(prior_HxW)[0]])
+  return props
+
+
+def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw, sal_SxS, sample,
+                 prior_HxW):
+  """DeepCO3 on one image: (masks by score, scores, candidate masks, number of peaks) at
+  its size.
 
   `prm_score` and `params_and_frozen` are the `apply_fn` and `params` of
-  `prm.peak_response_maps`.
+  `prm.peak_response_maps`; `prior_HxW` is the image's saliency prior at its size.
   """
   shape_hw = sample.image.shape[:2]
   peaks = [(y, x) for y, x in deepco3.instance_peaks(score_hxw)
@@ -129,7 +142,7 @@ def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw,
   if not peaks:  # nothing salient: the image's strongest peak stands in
     peaks = [tuple(int(v) for v in np.unravel_index(np.argmax(score_hxw), score_hxw.shape))]
   maps = prm.peak_response_maps(prm_score, params_and_frozen, image_1xSxSx3, peaks)
-  props = proposals.proposals_for(config.proposals, sample.stem, sample.image)
+  props = candidate_masks(config, sample, prior_HxW)
   r = config.rank
   masks, scores = proposals.select_instances(
       data.resize_probs(maps, shape_hw, axis=0), data.resize_probs(sal_SxS[None], shape_hw, axis=0)[0], props,
@@ -164,7 +177,7 @@ def detect_group(config, group, priors, net, group_dir):
   masks, scores, candidates, num_peaks = [], [], [], []
   for i, sample in enumerate(progress.bar(group.samples, desc=f'instances {group.name}', quiet=quiet)):
     m, s, props, k = detect_image(config, net.prm_score, (params, net.frozen), images[i:i + 1],
-                                  score_Nxhxw[i], sal_NxSxS[i], sample)
+                                  score_Nxhxw[i], sal_NxSxS[i], sample, priors[i])
     masks.append(m)
     scores.append(s)
     candidates.append(props)
