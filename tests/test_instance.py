@@ -196,13 +196,12 @@ def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path
   config.proposals.source, config.proposals.folder = 'folder', str(tmp_path)
   sample = data.Sample('img', str(tmp_path / 'img.png'), np.zeros((24, 32, 3), np.uint8))
   prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (8, 24)])
-  iou = lambda a, b: (a & b).sum() / (a | b).sum()
   for with_components in (True, False):
     config.proposals.prior_components = with_components
     candidates = instance.candidate_masks(config, sample, prior)
     assert len(candidates) == 2 + 2 * with_components
     masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
-    best = [max(iou(m, p) for m in masks) for p in people]
+    best = proposals.best_overlaps(masks, people)
     if with_components:
       assert min(best) == 1.0, best
     else:
