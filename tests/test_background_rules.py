@@ -44,17 +44,62 @@ def test_consistency_rule_keeps_a_stuff_class_that_owns_the_border():
   config = defaults.multiclass()
   config.num_classes = 2
   config.data.image_size = images.shape[1]
-  assert config.infer.background == 'consistency'   # the default
+  rule = multiclass.background_rule(config)
+  assert rule == 'consistency'   # the default ('auto') for more than one class
   # The border rule calls grass (label 1) background ...
   assert postprocess.border_label(labels, 3) == 1
   # ... the default rule finds the label that is not common to the group.
   background = multiclass.Background.build(config, _pixel_extractor(), {})
-  bg = background.label(images, labels, 3)
+  bg = background.label(images, labels, 3, rule)
   assert bg == 0
   # Any permutation of the labels: the rule follows the content, not the id.
   perm = np.array([2, 0, 1], np.uint8)
-  assert background.label(images, [perm[l] for l in labels], 3) == 2
+  assert background.label(images, [perm[l] for l in labels], 3, rule) == 2
   assert background.label(images, labels, 3, rule='border') == 1
+
+
+def test_auto_rules_are_saliency_for_one_class_only():
+  config = defaults.multiclass()
+  for k, rule, init in ((1, 'saliency', 'saliency'), (2, 'consistency', 'cluster'),
+                        (None, 'consistency', 'cluster')):
+    config.num_classes = k
+    assert multiclass.background_rule(config) == rule
+    assert multiclass.classifier_init(config) == init
+  config.infer.background, config.model.classifier_init = 'channel', 'random'
+  config.num_classes = 1
+  assert multiclass.background_rule(config) == 'channel'   # a set rule is kept
+  assert multiclass.untrained_rule(config) == 'consistency'
+  assert multiclass.classifier_init(config) == 'random'
+
+
+def test_least_salient_label_is_the_label_of_lowest_mean_prior():
+  a = np.array([[0, 0, 1, 1], [2, 2, 1, 1]], np.uint8)
+  prior = np.array([[0.9, 0.8, 0.1, 0.2], [0.5, 0.5, 0.3, 0.0]])
+  assert postprocess.least_salient_label([a], [prior], 3) == 1
+  # Pooled over the group: label 0 is dark in a second image where label 1 is bright.
+  b = np.array([[0, 0, 0, 0], [1, 1, 2, 2]], np.uint8)
+  prior_b = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.6, 0.6]])
+  assert postprocess.least_salient_label([a, b], [prior, prior_b], 3) == 0
+  # A label no pixel has is never chosen, whatever the prior.
+  assert postprocess.least_salient_label([a], [prior], 4) == 1
+
+
+def test_saliency_split_and_centroids():
+  prior = np.zeros((8, 8), np.float32)
+  prior[2:6, 2:6] = 1.0
+  np.testing.assert_array_equal(baseline.saliency_split(prior, (8, 8)), prior > 0)
+  assert baseline.saliency_split(prior, (4, 4))[1:3, 1:3].all()
+  assert baseline.saliency_split(prior, (4, 4)).sum() == 4
+  # Centroids are the mean directions of the unit features of each label.
+  feats = np.zeros((2, 2, 3), np.float32)
+  feats[0] = [2.0, 0.0, 0.0]
+  feats[1] = [0.0, 0.0, 5.0]
+  feats[1, 1] = [0.0, 3.0, 3.0]
+  labels = np.array([[1, 1], [0, 0]], np.uint8)
+  c = baseline.centroids([feats], [labels], 2)
+  np.testing.assert_allclose(c[1], [1, 0, 0], atol=1e-6)
+  expected = np.array([0, 1 / np.sqrt(2), 1 + 1 / np.sqrt(2)])
+  np.testing.assert_allclose(c[0], expected / np.linalg.norm(expected), atol=1e-6)
 
 
 def test_least_consistent_label_ignores_labels_seen_once():

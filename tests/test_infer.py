@@ -76,6 +76,32 @@ def test_crf_unary_power_sharpens_the_unary():
   assert agreement[30.0] > agreement[1.0] + 0.2
 
 
+def _far_twin_problem(scale):
+  """Two patches of one colour, far apart on a dark ground: the left one's maps say class 1,
+  the right one's barely lean to background. Only an appearance kernel reaching across the
+  gap carries class 1 over to the right patch. `scale` upsamples the whole problem."""
+  image = np.full((24, 96, 3), 30, np.uint8)
+  p1 = np.full((24, 96), 0.05)
+  image[8:16, 8:16] = image[8:16, 72:80] = 220
+  p1[8:16, 8:16], p1[8:16, 72:80] = 0.95, 0.45
+  S = np.stack([1 - p1, p1], -1).astype(np.float32)
+  up = lambda a: np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)
+  return up(image), up(S)
+
+
+def test_crf_spatial_stds_scale_with_the_photo():
+  cfg = config.multiclass().infer.crf
+  cfg.bilateral_sxy, cfg.reference_area = 80.0, 24.0 * 96
+  image, S = _far_twin_problem(1)
+  small = postprocess.dense_crf_labels(image, S, cfg)
+  assert small[12, 12] == 1 and small[12, 76] == 1  # the kernel spans the 64 px gap
+  image2, S2 = _far_twin_problem(3)
+  big = postprocess.dense_crf_labels(image2, S2, cfg)
+  np.testing.assert_array_equal(big[1::3, 1::3], small)  # the same labels at 3x
+  cfg.reference_area = 0.0  # literal pixels: at 3x the gap is out of the kernel's reach
+  assert postprocess.dense_crf_labels(image2, S2, cfg)[36, 228] == 0
+
+
 def test_unknown_method_is_a_value_error():
   with pytest.raises(ValueError, match='median'):
     postprocess.labels_from_maps(None, np.ones((2, 2, 2)), types.SimpleNamespace(method='median'))

@@ -17,6 +17,7 @@ from coseg_jax.cli import main
 from coseg_jax.core import config as defaults
 from coseg_jax.core import data
 from coseg_jax.core import demo
+from coseg_jax.core import saliency
 from coseg_jax.core import visualize
 from coseg_jax.core.errors import InputError
 from coseg_jax.instance import baseline as instance_baseline
@@ -24,7 +25,6 @@ from coseg_jax.instance import metrics as instance_metrics
 from coseg_jax.instance import model as deepco3
 from coseg_jax.instance import pipeline as instance
 from coseg_jax.instance import proposals
-from coseg_jax.instance import saliency
 
 _SIZE = 96  # demo images; the network sees 64 x 64
 
@@ -131,7 +131,7 @@ def test_saliency_baseline_is_components_of_the_prior(group_dir, tmp_path):
   assert summary['method'] == 'saliency baseline' and summary['backbone'] is None
   # The default prior, ddt_mbd, reads the frozen backbone's DDT tap.
   name = weights.resolve_name('auto', 'encoder', config.weights)
-  assert summary['saliency_backbone']['feature'] == instance.DDT_TAPS[name]
+  assert summary['saliency_backbone']['feature'] == saliency.DDT_TAPS[name]
   backbone, variables = weights.load_backbone(name, config.weights)
   priors = saliency.saliency_prior(config.saliency, group,
                                    instance.descriptor_fn(config, backbone, variables))

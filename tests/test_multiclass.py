@@ -1,5 +1,7 @@
 """End to end on the built-in demo with the real EfficientNet-Lite0 weights."""
 import itertools
+import json
+import os
 
 import jax
 import numpy as np
@@ -9,6 +11,9 @@ from coseg_jax.backbones import weights
 from coseg_jax.core import config as defaults
 from coseg_jax.core import data
 from coseg_jax.core import demo
+from coseg_jax.core import fileio
+from coseg_jax.core import visualize
+from coseg_jax.core.errors import InputError
 from coseg_jax.multiclass import baseline
 from coseg_jax.multiclass import pipeline as multiclass
 
@@ -125,3 +130,52 @@ def test_a_frozen_encoder_trains_the_head_on_features_computed_once(tmp_path):
                                        desc='test')
   assert jax.tree.all(jax.tree.map(np.array_equal, trained['encoder'], params['encoder']))
   assert not np.allclose(trained['classifier']['kernel'], params['classifier']['kernel'])
+
+
+def _one_class_group(root, size=96, n=6, seed=0):
+  """One class whose two largest appearance modes are not it: every image is brick above
+  and gravel below, with a cat's head (about a fifth of the image) across the seam."""
+  group = os.path.join(root, 'cat')
+  os.makedirs(os.path.join(group, 'images'))
+  os.makedirs(os.path.join(group, 'masks'))
+  rng = np.random.default_rng(seed)
+  cat = demo._OBJECTS[0]
+  for i in range(n):
+    image = demo._background(rng, 2, size)
+    image[size // 2:] = demo._background(rng, 1, size)[size // 2:]
+    h, w = demo._shape(cat, 0.45 * size * rng.uniform(0.9, 1.1))
+    y, x = (size - h) // 2 + int(rng.integers(-9, 10)), (size - w) // 2 + int(rng.integers(-9, 10))
+    patch = demo._jitter(rng, demo._crop(cat, h, w, flip=bool(rng.integers(2))))
+    inside = demo._ellipse(h, w)
+    image[y:y + h, x:x + w][inside] = patch[inside]
+    mask = np.zeros((size, size), np.uint8)
+    mask[y:y + h, x:x + w][inside] = 1
+    fileio.save_png(os.path.join(group, 'images', f'img{i}.png'), image)
+    visualize.save_label_png(os.path.join(group, 'masks', f'img{i}.png'), mask)
+  with open(os.path.join(group, 'classes.txt'), 'w') as f:
+    f.write('cat\n')
+  return root
+
+
+@pytest.mark.slow
+def test_one_class_finds_the_object_the_two_means_init_misses(tmp_path):
+  """K = 1: two k-means clusters are brick and gravel, so the previous default (cluster
+  init, consistency rule) loses the cat; the co-saliency init and rule keep it."""
+  config = defaults.multiclass()
+  config.num_classes = 1
+  config.data.image_size = 96
+  config.data.root = _one_class_group(str(tmp_path / 'data'))
+  config.train.steps = 10
+  config.output.quiet, config.output.images = True, False
+  default = multiclass.run(config, str(tmp_path / 'default'))['mean']['J']
+  log = open(tmp_path / 'default' / 'cat' / 'loss.jsonl').read().splitlines()
+  areas = [json.loads(line)['area1'] for line in log if 'area1' in line]
+  config.model.classifier_init, config.infer.background = 'cluster', 'consistency'
+  previous = multiclass.run(config, str(tmp_path / 'previous'))['mean']['J']
+  assert default > 0.5 and previous < 0.2, (default, previous)
+  assert min(areas) > 0.05   # the foreground channel keeps its share of the pixels
+  config.num_classes = 2     # the co-saliency split has two labels only
+  config.data.root = demo.make_multiclass_demo(str(tmp_path / 'demo'), 2)
+  config.baseline = 'saliency'
+  with pytest.raises(InputError, match='baseline=saliency needs one class'):
+    multiclass.run(config, str(tmp_path / 'two'))

@@ -8,8 +8,8 @@ import pytest
 import scipy.io
 
 from coseg_jax.core import data
+from coseg_jax.core import saliency
 from coseg_jax.core.errors import InputError
-from coseg_jax.instance import saliency
 
 
 def _disc_image(h=96, w=112):

@@ -128,7 +128,9 @@ def multiclass():
   # 'none': train the co-attention model. 'cluster': the training-free baseline of
   # SPEC §6(a) (k-means of the frozen extractor's dense features), scored the same way.
   # 'center': a centred ellipse over 40% of each image labelled class 1 (no training, no
-  # features): the reference any co-segmentation should beat.
+  # features): the reference any co-segmentation should beat. 'saliency' (one class):
+  # class 1 where the group's co-saliency prior (DDT x MBD, core/saliency.py) is above
+  # its mean.
   c.baseline = 'none'
   # Number of foreground classes K shared by the group. Unset: each group's classes.txt
   # (one name a line, or '<id> <name>' lines), so one run can score groups of different K;
@@ -158,10 +160,13 @@ def multiclass():
   # ((x - 127) / 128 on 0..255, what the TF-Lite checkpoints were trained with) or
   # 'imagenet' (mean/std).
   c.model.lite0_input = 'tflite'
-  # 1x1 classifier initialisation: 'random' (lecun normal) or 'cluster' (k-means
-  # centroids of the group's encoder features, the background rule's cluster as channel 0;
-  # BUILD.md).
-  c.model.classifier_init = 'cluster'
+  # 1x1 classifier initialisation: 'random' (lecun normal), 'cluster' (k-means
+  # centroids of the group's encoder features, the background rule's cluster as channel
+  # 0), 'saliency' (one class only: the centroids of the encoder features above and below
+  # the group's co-saliency prior's mean; on street photos 2-means splits road from
+  # facades and never finds the pedestrians), or 'auto': 'saliency' for one class, else
+  # 'cluster' (BUILD.md, real photographs).
+  c.model.classifier_init = 'auto'
   # Sharpness of the 'cluster' init: logits = T <f, c_k> / mean|f|. At 40 the step-0 maps
   # are the k-means labels with confident unaries, so the CRF keeps them (at 10 the soft
   # unaries lost 17 J to the CRF on car/road/building; BUILD.md).
@@ -210,11 +215,14 @@ def multiclass():
   c.infer.method = 'crf'
   # Which label is background (BUILD.md, real photographs): 'consistency' (the label whose
   # masked images, through f with the loss' pooling, agree least across the group: the
-  # criterion the loss encodes), 'channel' (the generator's channel 0 as trained, the
-  # thesis; the clustering baseline then uses 'consistency'), or 'border' (the label owning
-  # most image-border pixels; fails when stuff classes fill the border). The same rule
-  # orders the k-means classifier init and labels the clustering baseline.
-  c.infer.background = 'consistency'
+  # criterion the loss encodes), 'saliency' (the label of lowest mean co-saliency prior:
+  # with one class the common stuff, a road in every street photo, is as consistent as
+  # the common object), 'channel' (the generator's channel 0 as trained, the thesis; the
+  # clustering baseline then uses 'consistency'), 'border' (the label owning most
+  # image-border pixels; fails when stuff classes fill the border), or 'auto': 'saliency'
+  # for one class, else 'consistency'. The same rule orders the k-means classifier init
+  # and labels the clustering baseline.
+  c.infer.background = 'auto'
   c.infer.crf = config_dict.ConfigDict()
   c.infer.crf.iterations = 5
   # Gaussian (smoothness) kernel: spatial std in pixels and weight.
@@ -229,6 +237,12 @@ def multiclass():
   c.infer.crf.bilateral_sxy = 100.0
   c.infer.crf.bilateral_srgb = 13.0
   c.infer.crf.bilateral_compat = 10.0
+  # The two spatial stds are pixels of a photo of this many pixels (MSRC v2's 320 x 213,
+  # where they were measured) and scale with the photo's side, sqrt(H W / reference_area):
+  # the maps are blobs of the network's grid, a fixed fraction of any photo, so the CRF
+  # should reach as far in the photo whatever its resolution (horse30 upsampled 2x: J 77.5
+  # at fixed pixels, 81.6 scaled, 82.8 at 1x; BUILD.md). 0: literal pixels.
+  c.infer.crf.reference_area = 320.0 * 213
   # Unary = -log(clip(S~)); S~ is first raised to this power to sharpen or soften it.
   c.infer.crf.unary_power = 1.0
 

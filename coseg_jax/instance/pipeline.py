@@ -28,6 +28,7 @@ from coseg_jax.core import demo
 from coseg_jax.core import errors
 from coseg_jax.core import fileio
 from coseg_jax.core import progress
+from coseg_jax.core import saliency
 from coseg_jax.core import train
 from coseg_jax.core import visualize
 from coseg_jax.core.errors import InputError
@@ -36,7 +37,6 @@ from coseg_jax.instance import metrics as instance_metrics
 from coseg_jax.instance import model as deepco3
 from coseg_jax.instance import prm
 from coseg_jax.instance import proposals
-from coseg_jax.instance import saliency
 
 log = logging.getLogger('coseg_jax')
 
@@ -44,8 +44,6 @@ BASELINES = ('none', 'saliency')
 # The deepest feature each backbone has: the paper's relu6 (fc6 as a conv) is not in
 # the Keras notop VGG16, so its deepest conv stands in (SPEC §2).
 FEATURE_TAPS = {'vgg16': 'conv5_3', 'resnet50': 'layer4', 'efficientnet_lite0': 'head'}
-# The tap the 'ddt_mbd' saliency prior reads (config.saliency.ddt_tap 'auto').
-DDT_TAPS = {'vgg16': 'conv5_3', 'resnet50': 'layer4', 'efficientnet_lite0': 'block13'}
 
 
 def feature_tap(requested, backbone, table=None, field='model.feature'):
@@ -89,7 +87,7 @@ def build_network(config, backbone, backbone_vars):
 def descriptor_fn(config, backbone, backbone_vars):
   """`features(images) -> [hxwxC]`: the frozen ImageNet backbone's config.saliency.ddt_tap
   descriptors of each image resized to data.image_size (the 'ddt_mbd' prior's input)."""
-  tap = feature_tap(config.saliency.ddt_tap, backbone, DDT_TAPS, 'saliency.ddt_tap')
+  tap = feature_tap(config.saliency.ddt_tap, backbone, saliency.DDT_TAPS, 'saliency.ddt_tap')
   extract = jax.jit(lambda v, x: backbone.apply(v, x, taps=(tap,))[tap])
 
   def features(images):
@@ -275,7 +273,7 @@ def detect_groups(config, groups, workdir=None):
     features = descriptor_fn(config, backbone, backbone_vars)
     summary['saliency_backbone'] = {'name': backbone.name, 'weights': backbone.source,
                                     'feature': feature_tap(config.saliency.ddt_tap, backbone,
-                                                           DDT_TAPS, 'saliency.ddt_tap')}
+                                                           saliency.DDT_TAPS, 'saliency.ddt_tap')}
   if config.baseline == 'saliency':
     summary.update(method='saliency baseline', proposals='connected components of the prior')
   else:

@@ -32,8 +32,8 @@ from skimage import segmentation
 
 from coseg_jax.core import data
 from coseg_jax.core.errors import InputError
+from coseg_jax.core.saliency import superpixel_graph
 from coseg_jax.instance import metrics as instance_metrics
-from coseg_jax.instance.saliency import superpixel_graph
 
 SOURCES = ('builtin', 'folder')
 PROPOSAL_EXTENSIONS = ('.mat', '.h5', '.hdf5')

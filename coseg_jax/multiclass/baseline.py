@@ -3,7 +3,8 @@
 k-means of the frozen extractor's dense features into K+1 clusters over the whole group.
 Cluster ids are arbitrary; like the method's channels, they go through the group's
 background rule (`infer.background`) before scoring, so both name their background the
-same way. `center_prior` is the reference that knows nothing about the group.
+same way. `center_prior` is the reference that knows nothing about the group;
+`saliency_split` of the group's co-saliency prior is the one-class reference.
 """
 import functools
 
@@ -48,6 +49,24 @@ def kmeans_group(dense_feats_list, num_clusters, seed):
 def cluster_group(dense_feats_list, num_clusters, seed):
   """The cluster maps of `kmeans_group`."""
   return kmeans_group(dense_feats_list, num_clusters, seed)[1]
+
+
+def centroids(dense_feats_list, labels_list, num_labels):
+  """LxC unit centroids of the per-pixel unit features of each label (labels at the
+  features' grid), as `kmeans_group` would end on that partition."""
+  x_NxC = _unit(np.concatenate([np.asarray(f, np.float32).reshape(-1, f.shape[-1])
+                                for f in dense_feats_list]))
+  labels_N = np.concatenate([np.asarray(l).ravel() for l in labels_list])
+  sums_LxC = np.stack([x_NxC[labels_N == l].sum(0) for l in range(num_labels)])
+  return _unit(sums_LxC)
+
+
+def saliency_split(prior_HxW, out_hw):
+  """The one-class partition of a saliency prior: 1 where it is above its mean (the
+  'saliency' baseline and the K = 1 init), resized (bilinear) to `out_hw` first."""
+  prior = np.asarray(prior_HxW, np.float32)
+  resized = data.resize_probs(prior[..., None], out_hw)[..., 0]
+  return (resized > prior.mean()).astype(np.uint8)
 
 
 def soft_maps(labels_hxw, num_labels, out_hw):

@@ -16,6 +16,7 @@ from coseg_jax.core import demo
 from coseg_jax.core import errors
 from coseg_jax.core import fileio
 from coseg_jax.core import progress
+from coseg_jax.core import saliency
 from coseg_jax.core import train
 from coseg_jax.core import visualize
 from coseg_jax.core.errors import InputError
@@ -29,6 +30,10 @@ from coseg_jax.multiclass import postprocess
 
 log = logging.getLogger('coseg_jax')
 
+# 'none': the method; the training-free references, scored the same way: 'cluster'
+# (k-means, SPEC §6a), 'center' (a centred ellipse), 'saliency' (one class: the group's
+# co-saliency prior above its mean).
+BASELINES = ('none', 'cluster', 'center', 'saliency')
 # Pooled feature of the frozen extractor f.
 EXTRACTOR_TAPS = {'resnet50': 'layer4', 'efficientnet_lite0': 'head'}
 
@@ -58,32 +63,47 @@ def masked_vectors(extractor, loss_cfg, frozen, x_BxHxWx3, masks_BxHxWxK1):
 
 @dataclasses.dataclass(frozen=True)
 class Background:
-  """The group's background rule (`infer.background`), with its jitted masked-image
-  vectors built once per run."""
-  rule: str
+  """The background rules (`infer.background`) with the extractor they read: its jitted
+  masked-image vectors and its descriptors for the co-saliency prior, built once per run."""
   vectors: Callable  # (frozen, x_1xSxSx3, masks_1xSxSxL) -> 1xLxD, as the loss sees them
+  extractor: weights.Backbone
   frozen: dict  # the extractor's variables
 
   @classmethod
   def build(cls, config, extractor, extractor_vars):
-    return cls(config.infer.background,
-               jax.jit(functools.partial(masked_vectors, extractor, config.loss)), extractor_vars)
+    return cls(jax.jit(functools.partial(masked_vectors, extractor, config.loss)), extractor,
+               extractor_vars)
 
-  def label(self, images_NxSxSx3, labels_list, num_labels, rule=None, vectors=None):
-    """The label the rule names.
+  def label(self, images_NxSxSx3, labels_list, num_labels, rule, vectors=None, prior=None):
+    """The label `rule` (resolved: not 'auto') names.
 
     'consistency': the label whose `label_vectors` agree least across the group
     (`postprocess.least_consistent_label`); `vectors` passes them where the caller has
-    them already.
+    them already. 'saliency': the label of lowest mean `prior` (`co_saliency`, computed
+    here unless passed).
     """
-    rule = rule or self.rule
     if rule == 'border':
       return postprocess.border_label(labels_list, num_labels)
     if rule == 'channel':
       return 0
+    if rule == 'saliency':
+      prior = self.co_saliency(images_NxSxSx3) if prior is None else prior
+      size = images_NxSxSx3.shape[1:3]
+      return postprocess.least_salient_label(
+          [data.resize_labels(np.asarray(l, np.uint8), size) for l in labels_list], prior,
+          num_labels)
     return postprocess.least_consistent_label(
         *(vectors if vectors is not None
           else self.label_vectors(images_NxSxSx3, labels_list, num_labels)))
+
+  def co_saliency(self, images_NxSxSx3):
+    """The group's co-saliency prior (`core.saliency`'s 'ddt_mbd': what recurs across the
+    group, by DDT of the extractor's descriptors, times what stands out of each image, by
+    MBD) at the network input: one SxS map in [0, 1] per image."""
+    feats = baseline.dense_features(self.extractor, self.frozen, images_NxSxSx3,
+                                    saliency.DDT_TAPS[self.extractor.name])
+    images_uint8 = [np.round(np.asarray(x) * 255).astype(np.uint8) for x in images_NxSxSx3]
+    return saliency.ddt_mbd_saliency(images_uint8, feats)
 
   def label_vectors(self, images_NxSxSx3, labels_list, num_labels):
     """(NxLxD vectors, NxL present): each label of each image masks its image (Eq. 1 with
@@ -192,13 +212,21 @@ class Model:
     return {k: v for k, v in params.items() if k != 'encoder'}
 
 
-def cluster_init(feats_NxhxwxC, params, num_classes, seed, temperature, background=None):
-  """The classifier initialised from k-means of the group's encoder features (BUILD.md).
+def centroid_classifier(feats_NxhxwxC, params, centers_K1xC, temperature):
+  """The 1x1 classifier as a soft nearest-centroid rule: logits_k = temperature *
+  <f, c_k> / mean|f| for unit centroids c_k, channel k = centroid k."""
+  mean_norm = np.mean([np.linalg.norm(f, axis=-1).mean() for f in feats_NxhxwxC])
+  kernel_CxK1 = (temperature / mean_norm) * np.asarray(centers_K1xC).T
+  return dict(params, classifier={'kernel': jnp.asarray(kernel_CxK1[None, None], jnp.float32),
+                                  'bias': jnp.zeros((len(centers_K1xC),), jnp.float32)})
 
-  logits_k = temperature * <f, c_k> / mean|f| for unit centroids c_k is a soft
-  nearest-centroid rule; the cluster that `background(label maps)` names becomes channel 0
-  (default: the cluster owning most image border). `feats_NxhxwxC` are the generator's
-  encoder features of the group (`Model.encoder_features`).
+
+def cluster_init(feats_NxhxwxC, params, num_classes, seed, temperature, background=None):
+  """The classifier initialised from k-means of the group's encoder features (BUILD.md):
+  `centroid_classifier` of the K+1 centroids, the cluster that `background(label maps)`
+  names as channel 0 (default: the cluster owning most image border).
+  `feats_NxhxwxC` are the generator's encoder features of the group
+  (`Model.encoder_features`).
   """
   feats = list(feats_NxhxwxC)
   centers_K1xC, labels = baseline.kmeans_group(feats, num_classes + 1, seed)
@@ -208,10 +236,22 @@ def cluster_init(feats_NxhxwxC, params, num_classes, seed, temperature, backgrou
   else:
     bg = background(labels)
   order[[0, bg]] = order[[bg, 0]]
-  mean_norm = np.mean([np.linalg.norm(f, axis=-1).mean() for f in feats])
-  kernel_CxK1 = (temperature / mean_norm) * centers_K1xC[order].T
-  return dict(params, classifier={'kernel': jnp.asarray(kernel_CxK1[None, None], jnp.float32),
-                                  'bias': jnp.zeros((num_classes + 1,), jnp.float32)})
+  return centroid_classifier(feats, params, centers_K1xC[order], temperature)
+
+
+def saliency_init(feats_NxhxwxC, params, prior_list, temperature):
+  """One class (K = 1): the classifier initialised from the group's co-saliency prior.
+
+  Two k-means clusters of a group are its two largest appearance modes (road and
+  facades in street photos), which no object smaller than half the scene is; and the
+  common stuff (the road of every street photo) is as consistent across the group as the
+  common object. What recurs *and* stands out is the object: class 1 starts as the
+  centroid of the encoder features where the prior is above its image's mean, channel 0
+  as the centroid of the rest (`centroid_classifier`; BUILD.md).
+  """
+  feats = list(feats_NxhxwxC)
+  split = [baseline.saliency_split(p, f.shape[:2]) for p, f in zip(prior_list, feats)]
+  return centroid_classifier(feats, params, baseline.centroids(feats, split, 2), temperature)
 
 
 def train_generator(config, model, params, inputs, extractor, extractor_vars, group_dir, desc):
@@ -263,10 +303,11 @@ def score(config, group, labels):
 
 
 def segment_group(config, group, images, model, extractor, extractor_vars, background,
-                  group_dir):
+                  group_dir, prior=None):
   """Soft maps (HxWx(K+1), original size) for every image of `group` (`images`: its network
   input, `data.resize_batch`); `model` is the run's `Model` of the group's K (None for the
-  baselines), `background` its `Background`."""
+  baselines), `background` its `Background`, `prior` the group's co-saliency prior where
+  `needs_prior`."""
   if config.baseline == 'center':
     k1 = config.num_classes + 1
     return [np.eye(k1, dtype=np.float32)[baseline.center_prior(s.image.shape[:2])]
@@ -275,16 +316,26 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
     return baseline.cluster_baseline(
         extractor, extractor_vars, images, [s.image.shape[:2] for s in group.samples],
         config.num_classes, config.seed, tap=cluster_taps(config, extractor))
+  if config.baseline == 'saliency':
+    # Split at the clustering baseline's grid, as coarse as the method's maps, so that the
+    # CRF draws the outline from the photo (60.8 vs 56.9 J split at the input on fudanped
+    # as one class, BUILD.md).
+    grid = images.shape[1] // cluster_stride(config, extractor)
+    return [baseline.soft_maps(baseline.saliency_split(p, (grid, grid)), 2, s.image.shape[:2])
+            for p, s in zip(prior, group.samples)]
   params = model.params
+  init = classifier_init(config)
   feats = None
-  if config.model.classifier_init == 'cluster' or model.freeze_encoder:
+  if init != 'random' or model.freeze_encoder:
     feats = model.encoder_features(images)
-  if config.model.classifier_init == 'cluster':
+  if init == 'cluster':
     rule = untrained_rule(config)
     params = cluster_init(feats, params, config.num_classes, config.seed,
                           temperature=config.model.cluster_init_temperature,
                           background=lambda labels: background.label(
-                              images, labels, config.num_classes + 1, rule=rule))
+                              images, labels, config.num_classes + 1, rule=rule, prior=prior))
+  elif init == 'saliency':
+    params = saliency_init(feats, params, prior, config.model.cluster_init_temperature)
   inputs = model.inputs(images, feats)
   params = train_generator(config, model, params, inputs, extractor, extractor_vars, group_dir,
                            desc=f'train {group.name}')
@@ -307,6 +358,12 @@ def cluster_taps(config, extractor):
   return taps
 
 
+def cluster_stride(config, extractor):
+  """The stride of the finest of the clustering baseline's taps (its features' grid)."""
+  info = extractor.tap_info()
+  return min(info[t][0] for t in baseline.split_taps(cluster_taps(config, extractor)))
+
+
 def check_config(config):
   """Every field of the method's config, before anything is built or written (bin/run.py
   calls it before touching the work directory); problems are one-line InputErrors."""
@@ -323,13 +380,14 @@ def check_config(config):
   r('infer.crf.iterations', 0, integer=True)
   for field in ('gaussian_sxy', 'bilateral_sxy', 'bilateral_srgb', 'unary_power'):
     r(f'infer.crf.{field}', 0, above=True)  # a zero std makes the CRF divide by zero
-  for field in ('gaussian_compat', 'bilateral_compat'):
+  for field in ('gaussian_compat', 'bilateral_compat', 'reference_area'):
     r(f'infer.crf.{field}', 0)
-  errors.check_one_of('baseline', config.baseline, ('none', 'cluster', 'center'))
+  errors.check_one_of('baseline', config.baseline, BASELINES)
   errors.check_one_of('infer.background', config.infer.background, postprocess.BACKGROUND_RULES)
   errors.check_one_of('model.lite0_input', config.model.lite0_input, ('tflite', 'imagenet'))
   errors.check_one_of('model.attention', config.model.attention, attention.MODES)
-  errors.check_one_of('model.classifier_init', config.model.classifier_init, ('random', 'cluster'))
+  errors.check_one_of('model.classifier_init', config.model.classifier_init,
+                      ('auto', 'random', 'cluster', 'saliency'))
   errors.check_one_of('loss.pooling', config.loss.pooling, ('masked', 'global'))
   errors.check_one_of('loss.feature_norm', config.loss.feature_norm, ('l2', 'none'))
   errors.check_one_of('infer.method', config.infer.method, postprocess.METHODS)
@@ -363,10 +421,44 @@ def estimate_num_classes(config, group, extractor, extractor_vars, background):
                              untrained_rule(config))
 
 
+def background_rule(config):
+  """`infer.background` resolved: 'auto' is 'saliency' for one class, else 'consistency'."""
+  if config.infer.background != 'auto':
+    return config.infer.background
+  return 'saliency' if config.num_classes == 1 else 'consistency'
+
+
 def untrained_rule(config):
-  """The background rule for k-means clusters (the init, the K estimate): the group's
-  rule, where 'channel' has no trained channel to read yet and means 'consistency'."""
-  return 'border' if config.infer.background == 'border' else 'consistency'
+  """The background rule for k-means clusters (the init, the K estimate, the clustering
+  baseline): the group's rule, where 'channel' has no trained channel to read yet and
+  means 'consistency'."""
+  rule = background_rule(config)
+  return 'consistency' if rule == 'channel' else rule
+
+
+def check_one_class(config, group):
+  """The co-saliency init and baseline split a group in two: one class only."""
+  if config.num_classes == 1:
+    return
+  if config.baseline == 'saliency':
+    raise InputError(f'{group.path}: config.baseline=saliency needs one class, the group '
+                     f'has {config.num_classes}')
+  if config.baseline == 'none' and config.model.classifier_init == 'saliency':
+    raise InputError(f'{group.path}: config.model.classifier_init=saliency needs one class, '
+                     f'the group has {config.num_classes}')
+
+
+def classifier_init(config):
+  """`model.classifier_init` resolved: 'auto' is 'saliency' for one class, else 'cluster'."""
+  if config.model.classifier_init != 'auto':
+    return config.model.classifier_init
+  return 'saliency' if config.num_classes == 1 else 'cluster'
+
+
+def needs_prior(config):
+  """Whether a group of this (per-group) config reads its co-saliency prior."""
+  return (config.baseline == 'saliency' or untrained_rule(config) == 'saliency' or
+          (config.baseline == 'none' and classifier_init(config) == 'saliency'))
 
 
 def lite0_input(config, backbone):
@@ -418,7 +510,8 @@ def cosegment_groups(config, groups, workdir=None):
                     'extractor': {'name': extractor.name, 'weights': extractor.source}}
   log.info('encoder: %s <- %s', encoder.name, encoder.source)
   log.info('extractor: %s <- %s', extractor.name, extractor.source)
-  method = {'cluster': 'clustering baseline', 'center': 'centre prior'}.get(
+  method = {'cluster': 'clustering baseline', 'center': 'centre prior',
+            'saliency': 'co-saliency prior'}.get(
       config.baseline, f'co-attention ({config.model.attention})')
 
   models = {}  # one Model per K in the dataset, built before its first group
@@ -455,12 +548,14 @@ def cosegment_groups(config, groups, workdir=None):
       gconfig.num_classes = group_k[group.name]
     log.info('group %s: %d images, %d classes, method %s, inference %s, background %s',
              group.name, len(group.samples), gconfig.num_classes, method,
-             config.infer.method, config.infer.background)
+             config.infer.method, background_rule(gconfig))
+    check_one_class(gconfig, group)
     images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+    prior = background.co_saliency(images) if needs_prior(gconfig) else None
     maps = segment_group(gconfig, group, images, model_for(gconfig.num_classes), extractor,
-                         extractor_vars, background, group_dir)
+                         extractor_vars, background, group_dir, prior)
     labels = label_group(gconfig, group, maps,
-                         background=_background_rule(gconfig, images, background))
+                         background=_background_rule(gconfig, images, background, prior))
     scores = score(gconfig, group, labels)
     if scores is not None:
       results[group.name] = scores
@@ -491,14 +586,15 @@ def run(config, workdir, start=None):
   return summary
 
 
-def _background_rule(config, images, background):
-  """labels -> background label, by `infer.background`; the centre prior is labelled
-  already, and a clustering baseline has no trained channel 0 to keep ('channel' then
-  uses 'consistency')."""
-  if config.baseline == 'center':
+def _background_rule(config, images, background, prior):
+  """labels -> background label, by `infer.background`; the centre and co-saliency priors
+  are labelled already, and a clustering baseline has no trained channel 0 to keep
+  ('channel' then uses 'consistency')."""
+  if config.baseline in ('center', 'saliency'):
     return lambda labels: 0
-  rule = untrained_rule(config) if config.baseline == 'cluster' else config.infer.background
-  return lambda labels: background.label(images, labels, config.num_classes + 1, rule=rule)
+  rule = untrained_rule(config) if config.baseline == 'cluster' else background_rule(config)
+  return lambda labels: background.label(images, labels, config.num_classes + 1, rule=rule,
+                                         prior=prior)
 
 
 def _write_group_images(group, labels, scores, group_dir):

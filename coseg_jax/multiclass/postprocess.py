@@ -29,7 +29,8 @@ def dense_crf_labels(image_HxWx3, S_HxWxK1, crf_cfg):
 
   Unary = -log of S~**unary_power renormalised over channels; pairwise = Gaussian
   (gaussian_sxy, gaussian_compat) + bilateral (bilateral_sxy, bilateral_srgb,
-  bilateral_compat); `iterations` mean-field steps.
+  bilateral_compat); `iterations` mean-field steps. With `reference_area` > 0 both spatial
+  stds scale by sqrt(H W / reference_area), so a photo and its upsampling get the same labels.
   """
   H, W, K1 = np.shape(S_HxWxK1)
   if np.shape(image_HxWx3) != (H, W, 3):
@@ -39,8 +40,9 @@ def dense_crf_labels(image_HxWx3, S_HxWxK1, crf_cfg):
   unary_K1xN = -np.log(np.clip(prob, _MIN_PROB, 1.0)).reshape(H * W, K1).T
   crf = densecrf.DenseCRF2D(W, H, K1)
   crf.setUnaryEnergy(np.ascontiguousarray(unary_K1xN, np.float32))
-  crf.addPairwiseGaussian(sxy=crf_cfg.gaussian_sxy, compat=crf_cfg.gaussian_compat)
-  crf.addPairwiseBilateral(sxy=crf_cfg.bilateral_sxy, srgb=crf_cfg.bilateral_srgb,
+  scale = np.sqrt(H * W / crf_cfg.reference_area) if crf_cfg.reference_area else 1.0
+  crf.addPairwiseGaussian(sxy=crf_cfg.gaussian_sxy * scale, compat=crf_cfg.gaussian_compat)
+  crf.addPairwiseBilateral(sxy=crf_cfg.bilateral_sxy * scale, srgb=crf_cfg.bilateral_srgb,
                            rgbim=np.ascontiguousarray(image_HxWx3, np.uint8),
                            compat=crf_cfg.bilateral_compat)
   q_K1xN = np.asarray(crf.inference(crf_cfg.iterations))
@@ -100,10 +102,23 @@ def swap_to_background(labels_list, bg, num_labels):
   return [swap[labels] for labels in labels_list]
 
 
+def least_salient_label(labels_list, priors_list, num_labels):
+  """The label of lowest mean saliency over the group's pixels (labels and priors of each
+  image at one size); a label no pixel has is never chosen."""
+  total, count = np.zeros(num_labels), np.zeros(num_labels)
+  for labels, prior in zip(labels_list, priors_list):
+    total += np.bincount(labels.ravel(), np.asarray(prior, np.float64).ravel(), num_labels)
+    count += np.bincount(labels.ravel(), minlength=num_labels)
+  mean = np.where(count > 0, total / np.maximum(count, 1), np.inf)
+  return int(np.argmin(mean))
+
+
 # Rules for which label is background (`infer.background`, BUILD.md): 'consistency' (the
-# label least consistent across the group under the loss' f and pooling), 'channel' (the
-# generator's channel 0 as trained, the thesis), 'border' (the label owning most border).
-BACKGROUND_RULES = ('consistency', 'channel', 'border')
+# label least consistent across the group under the loss' f and pooling), 'saliency' (the
+# label least salient under the group's co-saliency prior), 'channel' (the generator's
+# channel 0 as trained, the thesis), 'border' (the label owning most border); 'auto' is
+# 'saliency' for one class and 'consistency' otherwise.
+BACKGROUND_RULES = ('auto', 'consistency', 'saliency', 'channel', 'border')
 
 
 def background_by_border(labels_list, num_labels):

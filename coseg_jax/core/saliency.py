@@ -1,4 +1,5 @@
-"""Unsupervised saliency prior for DeepCO3's saliency loss (SPEC §4), pluggable.
+"""Unsupervised saliency priors, pluggable: DeepCO3's saliency loss (SPEC §4), and the
+multi-class method's one-class groups (the init and the background rule of K = 1).
 
 'mbd': minimum barrier distance (Zhang et al., ICCV 2015) on SLIC superpixels. The
 barrier of a path is max - min of the colour along it; a superpixel's distance is the
@@ -142,6 +143,11 @@ def load_prior_folder(folder, stems, shapes):
       raise InputError(f'{paths[0]}: no saliency map for image {stem} (.png or .mat)')
     out.append(read_prior(found[0], shape[:2]))
   return out
+
+
+# The backbone tap DDT reads ('auto'): the last 192-d stride-32 stage of Lite0 (of blocks
+# 5-15 and the head the most object-selective on fudanped24; BUILD.md).
+DDT_TAPS = {'vgg16': 'conv5_3', 'resnet50': 'layer4', 'efficientnet_lite0': 'block13'}
 
 
 def ddt_maps(feats_list):
