@@ -241,7 +241,7 @@ def multiclass():
   # where they were measured) and scale with the photo's side, sqrt(H W / reference_area):
   # the maps are blobs of the network's grid, a fixed fraction of any photo, so the CRF
   # should reach as far in the photo whatever its resolution (horse30 upsampled 2x: J 77.5
-  # at fixed pixels, 81.6 scaled, 82.8 at 1x; BUILD.md). 0: literal pixels.
+  # at fixed pixels, 81.5 scaled, 82.8 at 1x; BUILD.md). 0: literal pixels.
   c.infer.crf.reference_area = 320.0 * 213
   # Unary = -log(clip(S~)); S~ is first raised to this power to sharpen or soften it.
   c.infer.crf.unary_power = 1.0

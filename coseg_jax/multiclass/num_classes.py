@@ -18,14 +18,16 @@ from coseg_jax.multiclass import baseline
 from coseg_jax.multiclass import losses
 
 
-def partition_loss(background, images_NxSxSx3, dense_feats_list, num_classes, seed, rule):
+def partition_loss(background, images_NxSxSx3, dense_feats_list, num_classes, seed, rule,
+                   prior=None):
   """Co-attention loss of the group's (K + 1)-cluster k-means partition, with the
-  cluster `rule` names as background. `background`: the run's `pipeline.Background`."""
+  cluster `rule` names as background. `background`: the run's `pipeline.Background`;
+  `prior`: the group's co-saliency prior, which the 'saliency' rule reads."""
   k1 = num_classes + 1
   labels = baseline.cluster_group(dense_feats_list, k1, seed)
   vectors_NxK1xD, present_NxK1 = background.label_vectors(images_NxSxSx3, labels, k1)
   bg = background.label(images_NxSxSx3, labels, k1, rule=rule,
-                        vectors=(vectors_NxK1xD, present_NxK1))
+                        vectors=(vectors_NxK1xD, present_NxK1), prior=prior)
   order = np.arange(k1)
   order[[0, bg]] = order[[bg, 0]]
   return float(losses.coattention_loss(jnp.asarray(vectors_NxK1xD[:, order])))
@@ -39,8 +41,10 @@ def choose(loss_per_k):
   return ks[int(np.argmax(rise))]
 
 
-def estimate(background, images_NxSxSx3, dense_feats_list, max_classes, seed, rule):
+def estimate(background, images_NxSxSx3, dense_feats_list, max_classes, seed, rule,
+             prior=None):
   """(K, {K: partition loss} for K = 1..max_classes + 1)."""
-  loss_per_k = {k: partition_loss(background, images_NxSxSx3, dense_feats_list, k, seed, rule)
+  loss_per_k = {k: partition_loss(background, images_NxSxSx3, dense_feats_list, k, seed, rule,
+                                  prior)
                 for k in range(1, max_classes + 2)}
   return choose(loss_per_k), loss_per_k

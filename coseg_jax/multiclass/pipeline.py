@@ -79,15 +79,14 @@ class Background:
 
     'consistency': the label whose `label_vectors` agree least across the group
     (`postprocess.least_consistent_label`); `vectors` passes them where the caller has
-    them already. 'saliency': the label of lowest mean `prior` (`co_saliency`, computed
-    here unless passed).
+    them already. 'saliency': the label of lowest mean `prior` (the group's
+    `co_saliency`, computed once per group by the caller).
     """
     if rule == 'border':
       return postprocess.border_label(labels_list, num_labels)
     if rule == 'channel':
       return 0
     if rule == 'saliency':
-      prior = self.co_saliency(images_NxSxSx3) if prior is None else prior
       size = images_NxSxSx3.shape[1:3]
       return postprocess.least_salient_label(
           [data.resize_labels(np.asarray(l, np.uint8), size) for l in labels_list], prior,
@@ -417,8 +416,10 @@ def estimate_num_classes(config, group, extractor, extractor_vars, background):
                              min(config.data.image_size, ESTIMATE_SIZE))
   feats = baseline.dense_features(extractor, extractor_vars, images,
                                   cluster_taps(config, extractor))
+  rule = untrained_rule(config)
+  prior = background.co_saliency(images) if rule == 'saliency' else None
   return estimate_k.estimate(background, images, feats, config.max_classes, config.seed,
-                             untrained_rule(config))
+                             rule, prior)
 
 
 def background_rule(config):
@@ -456,8 +457,11 @@ def classifier_init(config):
 
 
 def needs_prior(config):
-  """Whether a group of this (per-group) config reads its co-saliency prior."""
-  return (config.baseline == 'saliency' or untrained_rule(config) == 'saliency' or
+  """Whether a group of this (per-group) config reads its co-saliency prior (the centre
+  prior reads nothing)."""
+  if config.baseline in ('center', 'saliency'):
+    return config.baseline == 'saliency'
+  return (background_rule(config) == 'saliency' or
           (config.baseline == 'none' and classifier_init(config) == 'saliency'))
 
 
