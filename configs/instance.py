@@ -16,12 +16,15 @@ the ImageNet backbone is fine-tuned at lr 1e-5 and the zero-initialised saliency
 steps on fudanped24 (0.114 -> 0.106, S > 0.5 almost everywhere), at 1e-5 / 1e-3 it fell
 to 0.039; 40 steps instead of 40 epochs (train.steps: the saliency loss is lowest near
 step 40 on a group of any size, and 10 epochs of the 74-image fudanped, 130 steps, lost
-half its mAP^r@0.25); the saliency prior is 'ddt_mbd' and instance peaks must be salient
-(config.rank.peak_min_score). The paper's setting, e.g. with VGG16 weights:
+half its mAP^r@0.25); the saliency prior is 'ddt_mbd', instance peaks must be salient
+(config.rank.peak_min_score), and the prior's connected components, redrawn by the dense
+CRF (config.saliency.refine), join the candidates Eq. 7 ranks. The paper's setting,
+e.g. with VGG16 weights:
 
   --config.train.learning_rate=1e-6 --config.train.head_lr_mult=1
   --config.train.steps=0 --config.train.epochs=40
   --config.saliency.prior=mbd --config.rank.peak_min_score=-inf
+  --config.proposals.prior_components=False
 """
 from coseg_jax.core import config as defaults
 

@@ -255,6 +255,19 @@ def test_instance_bad_input(tmp_path, capsys, no_model, num_images, bad, reason)
   assert _digests(workdir, before) == before
 
 
+@pytest.mark.parametrize('key, value, reason', [
+    ('saliency.refine', 'grabcut', 'not one of crf | none'),
+    ('saliency.crf_floor', 0.5, 'below 0.5'),
+    ('saliency.crf.bilateral_srgb', 0.0, 'above 0'),  # a zero std makes the CRF divide by zero
+])
+def test_instance_bad_saliency_field(tmp_path, capsys, no_model, key, value, reason):
+  root = _instance_group(str(tmp_path / 'grp'), 6)
+  workdir = str(tmp_path / 'work')
+  assert main.run_cli(_config(root, {key: value}, 'instance'), workdir) == 2
+  _one_error_line(capsys.readouterr().err, f'config.{key}', reason)
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
 def test_bad_file_in_a_later_group_is_reported_before_training(tmp_path, capsys, no_model):
   _group(str(tmp_path / 'data' / 'a_good'))
   bad = os.path.join(_group(str(tmp_path / 'data' / 'b_bad')), 'images', 'img1.png')

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from coseg_jax.core import config
+from coseg_jax.core import crf
 from coseg_jax.multiclass import postprocess
 
 
@@ -44,7 +45,7 @@ def test_dense_crf_cleans_noisy_maps():
   image, truth, S = _two_region_problem(0)
   crf_cfg = config.multiclass().infer.crf
   argmax_acc = np.mean(postprocess.argmax_labels(S) == truth)
-  crf_labels = postprocess.dense_crf_labels(image, S, crf_cfg)
+  crf_labels = crf.dense_crf_labels(image, S, crf_cfg)
   crf_acc = np.mean(crf_labels == truth)
   assert crf_labels.dtype == np.uint8 and crf_labels.shape == truth.shape
   assert argmax_acc < 0.8
@@ -57,7 +58,7 @@ def test_labels_from_maps_selects_crf_from_config():
   cfg = config.multiclass().infer
   cfg.method = 'crf'
   np.testing.assert_array_equal(postprocess.labels_from_maps(image, S, cfg),
-                                postprocess.dense_crf_labels(image, postprocess.normalize_maps(S), cfg.crf))
+                                crf.dense_crf_labels(image, postprocess.normalize_maps(S), cfg.crf))
   cfg.method = 'argmax'
   np.testing.assert_array_equal(postprocess.labels_from_maps(image, S, cfg),
                                 postprocess.argmax_labels(postprocess.normalize_maps(S)))
@@ -72,7 +73,7 @@ def test_crf_unary_power_sharpens_the_unary():
   agreement = {}
   for power in (1.0, 30.0):
     cfg.unary_power = power
-    agreement[power] = np.mean(postprocess.dense_crf_labels(image, S, cfg) == argmax)
+    agreement[power] = np.mean(crf.dense_crf_labels(image, S, cfg) == argmax)
   assert agreement[30.0] > agreement[1.0] + 0.2
 
 
@@ -93,13 +94,13 @@ def test_crf_spatial_stds_scale_with_the_photo():
   cfg = config.multiclass().infer.crf
   cfg.bilateral_sxy, cfg.reference_area = 80.0, 24.0 * 96
   image, S = _far_twin_problem(1)
-  small = postprocess.dense_crf_labels(image, S, cfg)
+  small = crf.dense_crf_labels(image, S, cfg)
   assert small[12, 12] == 1 and small[12, 76] == 1  # the kernel spans the 64 px gap
   image2, S2 = _far_twin_problem(3)
-  big = postprocess.dense_crf_labels(image2, S2, cfg)
+  big = crf.dense_crf_labels(image2, S2, cfg)
   np.testing.assert_array_equal(big[1::3, 1::3], small)  # the same labels at 3x
   cfg.reference_area = 0.0  # literal pixels: at 3x the gap is out of the kernel's reach
-  assert postprocess.dense_crf_labels(image2, S2, cfg)[36, 228] == 0
+  assert crf.dense_crf_labels(image2, S2, cfg)[36, 228] == 0
 
 
 def test_unknown_method_is_a_value_error():

@@ -139,12 +139,14 @@ def test_saliency_baseline_is_components_of_the_prior(group_dir, tmp_path):
   scores = summary['groups'][group.name]
   _check_metrics(scores)
   found = _check_outputs(group, os.path.join(workdir, group.name))
-  for (masks, got), prior in zip(found, priors):
-    labels, n = ndimage.label(prior > prior.mean())
-    assert len(masks) == n  # no percentile filter, no NMS
-    want = sorted((prior[labels == i].mean() for i in range(1, n + 1)), reverse=True)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_array_equal(masks.any(0), labels > 0)
+  for (masks, got), prior, sample in zip(found, priors, group.samples):
+    fg = saliency.foreground(sample.image, prior, config.saliency.crf, config.saliency.crf_floor)
+    labels, n = ndimage.label(fg)
+    big = [i for i in range(1, n + 1) if (labels == i).sum() >= labels.size / saliency.MBD_SEGMENTS]
+    assert len(masks) == len(big) > 0  # no percentile filter, no NMS
+    want = sorted((prior[labels == i].sum() / prior.size for i in big), reverse=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_array_equal(masks.any(0), np.isin(labels, big))
   assert scores['CorLoc_r'] == pytest.approx(_corloc(found, group))
 
 
@@ -169,17 +171,19 @@ def test_dataset_of_categories_scores_each_and_the_mean(group_dir, tmp_path):
     assert v == pytest.approx(np.mean([summary['groups'][g][k] for g in ('cats', 'more_cats')])), k
 
 
-def test_saliency_components_hand_case():
-  prior = np.zeros((6, 8), np.float32)
-  prior[1:3, 1:3] = 0.9
-  prior[4, 5:8] = 0.6
-  prior[0, 7] = 0.2  # above the mean, touches no other blob
-  masks, scores = instance_baseline.saliency_components(prior)
-  np.testing.assert_allclose(scores, [0.9, 0.6, 0.2])
-  assert [m.sum() for m in masks] == [4, 3, 1]
-  assert masks[1][4, 5:8].all()
-  empty_masks, empty_scores = instance_baseline.saliency_components(np.full((4, 4), 0.5, np.float32))
-  assert empty_masks.shape == (0, 4, 4) and not len(empty_scores)
+def test_saliency_components_rank_by_prior_mass_and_drop_specks():
+  prior = np.full((30, 40), 0.05, np.float32)
+  prior[2:12, 2:12] = 0.5    # a person: 100 px of moderate prior
+  prior[20:22, 30:32] = 0.9  # 4 px of high prior: ranked below the person, above the line
+  prior[25, 5] = 0.9         # 1 px, under one superpixel (1200 / 300 = 4 px): dropped
+  prior[2:12, 20] = 0.3      # a thin part of the foreground that does not touch the rest
+  masks, scores = instance_baseline.saliency_components(prior, prior > 0.1)
+  np.testing.assert_allclose(scores, np.array([50.0, 3.6, 3.0]) / prior.size, rtol=1e-6)
+  assert [m.sum() for m in masks] == [100, 4, 10]
+  assert masks[0][2:12, 2:12].all() and masks[1][20:22, 30:32].all()
+  assert not masks.any(0)[25, 5]
+  empty_masks, empty_scores = instance_baseline.saliency_components(prior, np.zeros((30, 40), bool))
+  assert empty_masks.shape == (0, 30, 40) and not len(empty_scores)
 
 
 def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path):
@@ -198,7 +202,7 @@ def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path
   prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (8, 24)])
   for with_components in (True, False):
     config.proposals.prior_components = with_components
-    candidates = instance.candidate_masks(config, sample, prior)
+    candidates = instance.candidate_masks(config, sample, prior, prior > prior.mean())
     assert len(candidates) == 2 + 2 * with_components
     masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
     best = proposals.best_overlaps(masks, people)

@@ -179,3 +179,18 @@ def test_one_class_finds_the_object_the_two_means_init_misses(tmp_path):
   config.baseline = 'saliency'
   with pytest.raises(InputError, match='baseline=saliency needs one class'):
     multiclass.run(config, str(tmp_path / 'two'))
+
+
+def test_one_class_saliency_baseline_redraws_the_prior_with_the_crf(tmp_path):
+  """`--config.baseline=saliency`: the co-saliency prior's split at its mean, redrawn by
+  the dense CRF (`saliency.foreground`); with argmax inference the split as it is."""
+  config = defaults.multiclass()
+  config.num_classes = 1
+  config.data.image_size = 96
+  config.data.root = _one_class_group(str(tmp_path / 'data'))
+  config.baseline = 'saliency'
+  config.output.quiet, config.output.images = True, False
+  refined = multiclass.run(config, str(tmp_path / 'crf'))['mean']['J']
+  config.infer.method = 'argmax'
+  split = multiclass.run(config, str(tmp_path / 'split'))['mean']['J']
+  assert refined > split + 0.05, (refined, split)

@@ -7,6 +7,7 @@ from PIL import Image
 import pytest
 import scipy.io
 
+from coseg_jax.core import config
 from coseg_jax.core import data
 from coseg_jax.core import saliency
 from coseg_jax.core.errors import InputError
@@ -143,3 +144,23 @@ def test_ddt_maps_sign_and_ddt_mbd_prior_on_a_bottom_touching_object():
     assert p.shape == figure.shape and p.min() >= 0 and p.max() == pytest.approx(1.0)
     fg = p > p.mean()
     assert (fg & figure).sum() / (fg | figure).sum() > 0.6
+
+
+def test_crf_foreground_follows_the_photo_where_the_coarse_prior_cuts_across_it():
+  image, figure = _standing_figure()
+  iou = lambda a, b: (a & b).sum() / (a | b).sum()
+  # A stride-16 prior (the figure's share of each 16 x 16 cell), 0 on the bottom rows as
+  # where a group's DDT calls a person's legs not common.
+  cells = figure.reshape(6, 16, 6, 16).mean((1, 3))
+  prior = np.kron(cells, np.ones((16, 16))).astype(np.float32)
+  prior[80:] = 0
+  crf_cfg = config.instance().saliency.crf
+  split = saliency.foreground(image, prior, None, 0.01)
+  np.testing.assert_array_equal(split, prior > prior.mean())
+  refined = saliency.foreground(image, prior, crf_cfg, 0.01)
+  assert iou(refined, figure) > iou(split, figure) + 0.25, (iou(refined, figure), iou(split, figure))
+  assert not refined[~figure].any()  # the blocks' road and facade go back to background
+  # With the unary pinned to 0 and 1 the CRF cannot move the split at all: the floor
+  # is what lets the photo redraw it.
+  np.testing.assert_array_equal(saliency.foreground(image, prior, crf_cfg, 1e-6), split)
+  assert iou(saliency.foreground(image, prior, crf_cfg, 0.1), figure) > 0.95

@@ -68,6 +68,40 @@ def _train(learning_rate, head_lr_mult, epochs=0, steps=0):
   return t
 
 
+def _crf():
+  """Dense CRF (core/crf.py) of the multi-class label maps and of DeepCO3's saliency
+  foreground; measured on the multi-class dev groups (BUILD.md, real photographs)."""
+  c = config_dict.ConfigDict()
+  c.iterations = 5
+  # Gaussian (smoothness) kernel: spatial std in pixels and weight.
+  c.gaussian_sxy = 3.0
+  c.gaussian_compat = 3.0
+  # Bilateral (appearance) kernel: spatial std, colour std, weight. The generator's maps
+  # are stride-16 blobs, so the CRF draws the outlines: at a spatial std of 100-150 px
+  # (about a third of a 320 px photo) same-coloured pixels of one object share a label
+  # across it (+1.0 J over 50 on the five dev groups, flat from 100 to 150, baseline +0.3;
+  # BUILD.md, real photographs). More weight instead (bilateral_compat 40) smoothed the
+  # cars of car/road/building away.
+  c.bilateral_sxy = 100.0
+  c.bilateral_srgb = 13.0
+  c.bilateral_compat = 10.0
+  # The two spatial stds are pixels of a photo of this many pixels (MSRC v2's 320 x 213,
+  # where they were measured) and scale with the photo's side, sqrt(H W / reference_area):
+  # the maps are blobs of the network's grid, a fixed fraction of any photo, so the CRF
+  # should reach as far in the photo whatever its resolution (horse30 upsampled 2x: J 77.5
+  # at fixed pixels, 81.5 scaled, 82.8 at 1x; BUILD.md). 0: literal pixels.
+  c.reference_area = 320.0 * 213
+  # Unary = -log(clip(S~)); S~ is first raised to this power to sharpen or soften it.
+  c.unary_power = 1.0
+  return c
+
+
+# The saliency foreground's CRF unary keeps the prior in [floor, 1 - floor]
+# (`saliency.foreground` says why a floor): fudanped24 baseline mAP^r@0.5 0.321 at 1e-4,
+# 0.362 at 1e-3, 0.352 at 1e-2, 0.257 at 0.1; fudanped 0.293 at 1e-3, 0.324 at 1e-2.
+_SALIENCY_CRF_FLOOR = 0.01
+
+
 def _output():
   o = config_dict.ConfigDict()
   # Write label PNGs, colour overlays and one contact sheet per group.
@@ -130,7 +164,8 @@ def multiclass():
   # 'center': a centred ellipse over 40% of each image labelled class 1 (no training, no
   # features): the reference any co-segmentation should beat. 'saliency' (one class):
   # class 1 where the group's co-saliency prior (DDT x MBD, core/saliency.py) is above
-  # its mean.
+  # its mean, that split redrawn by the dense CRF `infer.crf` (`saliency.foreground`, as
+  # DeepCO3's baseline; with infer.method='argmax' the split as it is).
   c.baseline = 'none'
   # Number of foreground classes K shared by the group. Unset: each group's classes.txt
   # (one name a line, or '<id> <name>' lines), so one run can score groups of different K;
@@ -223,28 +258,9 @@ def multiclass():
   # for one class, else 'consistency'. The same rule orders the k-means classifier init
   # and labels the clustering baseline.
   c.infer.background = 'auto'
-  c.infer.crf = config_dict.ConfigDict()
-  c.infer.crf.iterations = 5
-  # Gaussian (smoothness) kernel: spatial std in pixels and weight.
-  c.infer.crf.gaussian_sxy = 3.0
-  c.infer.crf.gaussian_compat = 3.0
-  # Bilateral (appearance) kernel: spatial std, colour std, weight. The generator's maps
-  # are stride-16 blobs, so the CRF draws the outlines: at a spatial std of 100-150 px
-  # (about a third of a 320 px photo) same-coloured pixels of one object share a label
-  # across it (+1.0 J over 50 on the five dev groups, flat from 100 to 150, baseline +0.3;
-  # BUILD.md, real photographs). More weight instead (bilateral_compat 40) smoothed the
-  # cars of car/road/building away.
-  c.infer.crf.bilateral_sxy = 100.0
-  c.infer.crf.bilateral_srgb = 13.0
-  c.infer.crf.bilateral_compat = 10.0
-  # The two spatial stds are pixels of a photo of this many pixels (MSRC v2's 320 x 213,
-  # where they were measured) and scale with the photo's side, sqrt(H W / reference_area):
-  # the maps are blobs of the network's grid, a fixed fraction of any photo, so the CRF
-  # should reach as far in the photo whatever its resolution (horse30 upsampled 2x: J 77.5
-  # at fixed pixels, 81.5 scaled, 82.8 at 1x; BUILD.md). 0: literal pixels.
-  c.infer.crf.reference_area = 320.0 * 213
-  # Unary = -log(clip(S~)); S~ is first raised to this power to sharpen or soften it.
-  c.infer.crf.unary_power = 1.0
+  c.infer.crf = _crf()
+  # The 'saliency' baseline's CRF unary floor (`saliency.foreground`).
+  c.infer.saliency_floor = _SALIENCY_CRF_FLOOR
 
   c.output = _output()
   c.distributed = _distributed()
@@ -288,6 +304,14 @@ def instance():
   # object-selective), conv5_3 for vgg16, layer4 for resnet50.
   c.saliency.ddt_tap = 'auto'
   c.saliency.folder = placeholder(str)
+  # The binary foreground whose connected components are the 'saliency' baseline's
+  # instances and the candidates `proposals.prior_components` adds: 'crf' (the split at the
+  # prior's mean redrawn by the dense CRF `saliency.crf`, the multi-class method's
+  # defaults) or 'none' (prior > its mean). fudanped mAP^r@0.5 of the baseline 0.192 ->
+  # 0.324, fudanped24 0.326 -> 0.352 (BUILD.md, "Real photographs (DeepCO3)").
+  c.saliency.refine = 'crf'
+  c.saliency.crf = _crf()
+  c.saliency.crf_floor = _SALIENCY_CRF_FLOOR
 
   # For EfficientNet-Lite0 on real photographs (BUILD.md, "Real photographs (DeepCO3)"): the
   # fine-tuned backbone at 1e-5, the zero-initialised saliency head at 1e-3 (with the whole
@@ -303,9 +327,10 @@ def instance():
   c.proposals.folder = placeholder(str)
   c.proposals.min_area = 2e-5
   c.proposals.max_area = 0.85
-  # Also offer the connected components of the saliency prior (the 'saliency' baseline's
-  # instances) to the ranking: on fudanped24 the chosen mask then follows the person more
-  # often (mAP^r@0.5 0.111 -> 0.178; BUILD.md, real photographs). False: proposals only.
+  # Also offer the connected components of the saliency foreground (`saliency.refine`; the
+  # 'saliency' baseline's instances) to the ranking: on fudanped24 the chosen mask then
+  # follows the person more often (mAP^r@0.5 0.111 -> 0.178 with the raw split, 0.225 with
+  # the CRF's; BUILD.md, real photographs). False: proposals only (the authors').
   c.proposals.prior_components = True
 
   c.rank = config_dict.ConfigDict()

@@ -4,11 +4,8 @@ Maps are HxWx(K+1) probabilities with channel 0 = background and 1..K = classes;
 come out as uint8 in the same order.
 """
 import numpy as np
-from pydensecrf import densecrf
 
-
-# Probabilities are clipped here before the log so an exact zero gives a finite unary.
-_MIN_PROB = 1e-8
+from coseg_jax.core import crf
 
 
 def normalize_maps(S_HxWxK1):
@@ -24,31 +21,6 @@ def argmax_labels(S_HxWxK1):
   return np.argmax(S_HxWxK1, axis=-1).astype(np.uint8)
 
 
-def dense_crf_labels(image_HxWx3, S_HxWxK1, crf_cfg):
-  """Fully connected CRF labels from normalised maps and the uint8 RGB image.
-
-  Unary = -log of S~**unary_power renormalised over channels; pairwise = Gaussian
-  (gaussian_sxy, gaussian_compat) + bilateral (bilateral_sxy, bilateral_srgb,
-  bilateral_compat); `iterations` mean-field steps. With `reference_area` > 0 both spatial
-  stds scale by sqrt(H W / reference_area), so a photo and its upsampling get the same labels.
-  """
-  H, W, K1 = np.shape(S_HxWxK1)
-  if np.shape(image_HxWx3) != (H, W, 3):
-    raise ValueError(f'image {np.shape(image_HxWx3)} does not match maps {(H, W, K1)}')
-  S = np.asarray(S_HxWxK1, np.float64) ** crf_cfg.unary_power
-  prob = S / np.maximum(S.sum(-1, keepdims=True), _MIN_PROB)
-  unary_K1xN = -np.log(np.clip(prob, _MIN_PROB, 1.0)).reshape(H * W, K1).T
-  crf = densecrf.DenseCRF2D(W, H, K1)
-  crf.setUnaryEnergy(np.ascontiguousarray(unary_K1xN, np.float32))
-  scale = np.sqrt(H * W / crf_cfg.reference_area) if crf_cfg.reference_area else 1.0
-  crf.addPairwiseGaussian(sxy=crf_cfg.gaussian_sxy * scale, compat=crf_cfg.gaussian_compat)
-  crf.addPairwiseBilateral(sxy=crf_cfg.bilateral_sxy * scale, srgb=crf_cfg.bilateral_srgb,
-                           rgbim=np.ascontiguousarray(image_HxWx3, np.uint8),
-                           compat=crf_cfg.bilateral_compat)
-  q_K1xN = np.asarray(crf.inference(crf_cfg.iterations))
-  return np.argmax(q_K1xN, axis=0).reshape(H, W).astype(np.uint8)
-
-
 METHODS = ('argmax', 'crf')
 
 
@@ -59,7 +31,7 @@ def labels_from_maps(image_HxWx3, S_HxWxK1, infer_cfg):
   S = normalize_maps(S_HxWxK1)
   if infer_cfg.method == 'argmax':
     return argmax_labels(S)
-  return dense_crf_labels(image_HxWx3, S, infer_cfg.crf)
+  return crf.dense_crf_labels(image_HxWx3, S, infer_cfg.crf)
 
 
 def border_label(labels_list, num_labels):
