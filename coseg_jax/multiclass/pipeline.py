@@ -66,15 +66,16 @@ def _uint8(images_NxSxSx3):
   return [np.round(np.asarray(x) * 255).astype(np.uint8) for x in images_NxSxSx3]
 
 
-def saliency_foregrounds(config, images_NxSxSx3, prior_list):
-  """The one-class init and rule's reading of the co-saliency prior: its foreground at the
-  network input, redrawn by the dense CRF (`saliency.foreground`, as the 'saliency'
-  baseline), as 0/1 maps. The prior's own split cuts through the object and its ground
-  (J on ped24 / ped74 / all horses 60.6 / 68.6 / 85.0 vs 56.2 / 66.0 / 80.5 seeded from
-  prior > mean; BUILD.md)."""
+def saliency_foregrounds(config, images_uint8, prior_list):
+  """Per image, the co-saliency prior's foreground (`saliency.foreground`: the split at
+  its mean, redrawn by the dense CRF `infer.crf`; with infer.method='argmax' the split as
+  it is), each prior at its image's size. The 'saliency' baseline reads it at the photo's
+  size; the one-class init and rule at the network input, because the prior's own split
+  cuts through the object and its ground (J on ped24 / ped74 / all horses 60.6 / 68.6 /
+  85.0 vs 56.2 / 66.0 / 80.5 seeded from prior > mean; BUILD.md)."""
   crf_cfg = config.infer.crf if config.infer.method == 'crf' else None
-  return [saliency.foreground(image, p, crf_cfg, config.infer.saliency_floor).astype(np.float32)
-          for image, p in zip(_uint8(images_NxSxSx3), prior_list)]
+  return [saliency.foreground(image, p, crf_cfg, config.infer.saliency_floor)
+          for image, p in zip(images_uint8, prior_list)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,13 +336,10 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
     # DeepCO3's foreground of the prior: the CRF redraws the split from the prior itself
     # (fudanped as one class J 65.1 vs 60.8 for the split at the stride-16 grid, one-hot,
     # then the CRF; BUILD.md). One-hot maps: the CRF of `label_group` leaves them as they are.
-    crf_cfg = config.infer.crf if config.infer.method == 'crf' else None
-    maps = []
-    for p, s in zip(prior, group.samples):
-      prior_HxW = data.resize_probs(p[..., None], s.image.shape[:2])[..., 0]
-      fg = saliency.foreground(s.image, prior_HxW, crf_cfg, config.infer.saliency_floor)
-      maps.append(np.eye(2, dtype=np.float32)[fg.astype(np.int64)])
-    return maps
+    priors_HxW = [data.resize_probs(p[..., None], s.image.shape[:2])[..., 0]
+                  for p, s in zip(prior, group.samples)]
+    foregrounds = saliency_foregrounds(config, [s.image for s in group.samples], priors_HxW)
+    return [np.eye(2, dtype=np.float32)[fg.astype(np.int64)] for fg in foregrounds]
   params = model.params
   init = classifier_init(config)
   feats = None
@@ -568,7 +566,7 @@ def cosegment_groups(config, groups, workdir=None):
     images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
     prior = background.co_saliency(images) if needs_prior(gconfig) else None
     if prior is not None and gconfig.baseline != 'saliency':  # the baseline redraws it itself
-      prior = saliency_foregrounds(gconfig, images, prior)
+      prior = [fg.astype(np.float32) for fg in saliency_foregrounds(gconfig, _uint8(images), prior)]
     maps = segment_group(gconfig, group, images, model_for(gconfig.num_classes), extractor,
                          extractor_vars, background, group_dir, prior)
     labels = label_group(gconfig, group, maps,
