@@ -302,7 +302,7 @@ def multiclass_rows(bench, size):
                         'step': jnp.zeros((), jnp.int32)}}
 
     def jax_step(compiled):
-      holder['state'], loss, _ = compiled(holder['state'], extractor_vars, data)
+      holder['state'], loss, _ = compiled(holder['state'], extractor_vars, data, 1.0)
       return loss
 
     adam = torch_ref.make_adam(gen_t.parameters(), tc)
@@ -315,7 +315,7 @@ def multiclass_rows(bench, size):
       adam.step()
       return loss
 
-    bench.run('train step', shape, step, (holder['state'], extractor_vars, data), jax_step,
+    bench.run('train step', shape, step, (holder['state'], extractor_vars, data, 1.0), jax_step,
               torch_step)
 
   if 'infer' in _ROWS.value:

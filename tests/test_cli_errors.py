@@ -162,6 +162,7 @@ DATA_CASES = [
         ('train.steps', 5, 'both set; set one to 0'),        # epochs is 1
         ('train.learning_rate', float('nan'), 'finite number, above 0'),
         ('train.on_mismatch', 'reuse', 'not one of stop | fresh'),
+        ('train.schedule', 'linear', 'not one of constant | cosine'),
         ('infer.crf.gaussian_sxy', 0.0, 'above 0'),      # was a segfault in the CRF
         ('infer.crf.bilateral_srgb', 0.0, 'above 0'),    # idem
         ('infer.crf.iterations', -1, 'at least 0'),

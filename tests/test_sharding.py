@@ -78,7 +78,8 @@ def _devices_child(tmp):
     state = train.put({'params': params, 'opt_state': sgd.init(params),
                        'step': np.zeros((), np.int32)}, mesh)
     placed = train.put(batch, mesh, PartitionSpec('data'))
-    new_state, loss, _ = train.jit_step(loss_fn, sgd, mesh)(state, train.put(frozen, mesh), placed)
+    new_state, loss, _ = train.jit_step(loss_fn, sgd, mesh)(state, train.put(frozen, mesh), placed,
+                                                       1.0)
     grads.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params,
                               new_state['params']))
     losses.append(float(loss))

@@ -1,3 +1,5 @@
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -83,8 +85,39 @@ def test_steps_set_the_length_whatever_the_group_size(tmp_path):
   assert [r['epoch'] for r in history] == [1, 1, 1, 2]
 
 
-def test_signal_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch):
-  full, _ = _fit(tmp_path / 'full')
+def test_cosine_schedule_scales_each_update_and_compiles_once(tmp_path):
+  traces = []
+
+  def counting_loss(params, frozen, batch):
+    traces.append(1)
+    return _loss(params, frozen, batch)
+
+  tc = dataclasses.replace(TC, schedule='cosine')
+  fitted, _ = _fit(tmp_path, counting_loss, tc)
+  assert len(traces) == 1                     # the factor is an argument, not a constant
+  # The same 9 steps by hand: Adam's update times the factor of its step.
+  total = 9
+  scales = [train.lr_scale('cosine', s, total) for s in range(total)]
+  assert scales[0] == 1.0 and all(a > b for a, b in zip(scales, scales[1:])) and scales[-1] < 0.05
+  opt = train.make_optimizer(tc)
+  params, frozen, data = _params(), {'scale': jnp.ones(())}, _data()
+  state = opt.init(params)
+  for step, scale in enumerate(scales):
+    idx = train.batch_indices(5, 2, tc.seed, step)
+    grads = jax.grad(lambda p: _loss(p, frozen, {k: v[idx] for k, v in data.items()})[0])(params)
+    upd, state = opt.update(grads, state, params)
+    params = jax.tree.map(lambda p, u: p + scale * u, params, upd)
+  for k in params:
+    np.testing.assert_allclose(fitted[k], params[k], rtol=1e-5, atol=1e-6)
+  constant, _ = _fit(tmp_path / 'constant')
+  assert not np.allclose(constant['w'], fitted['w'], atol=1e-3)
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_signal_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch, schedule):
+  tc = dataclasses.replace(TC, schedule=schedule)
+  fit = functools.partial(_fit, tc=tc)
+  full, _ = fit(tmp_path / 'full')
 
   real = train.batch_indices
 
@@ -95,17 +128,17 @@ def test_signal_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch)
 
   monkeypatch.setattr(train, 'batch_indices', interrupt_at_step_4)
   with pytest.raises(KeyboardInterrupt):
-    _fit(tmp_path / 'cut')
+    fit(tmp_path / 'cut')
   monkeypatch.setattr(train, 'batch_indices', real)
   assert sorted(os.listdir(tmp_path / 'cut' / 'ckpt'))[-1] == '5'
-  resumed, history = _fit(tmp_path / 'cut')
+  resumed, history = fit(tmp_path / 'cut')
   assert [r['step'] for r in history] == [6, 7, 8, 9]
   for k in full:
     np.testing.assert_array_equal(full[k], resumed[k])
   steps = [json.loads(l)['step'] for l in open(tmp_path / 'cut' / 'loss.jsonl')]
   assert steps == list(range(1, 10))
   # A finished run is not trained again.
-  again, history = _fit(tmp_path / 'cut')
+  again, history = fit(tmp_path / 'cut')
   assert history == []
   np.testing.assert_array_equal(again['w'], full['w'])
 
@@ -200,8 +233,8 @@ def test_step_donates_its_state_only_off_cpu():
   optimizer = train.make_optimizer(train.TrainConfig(1, 2, learning_rate=0.1, weight_decay=0.0))
   params = {'w': jnp.ones((3,))}
   state = {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.zeros((), jnp.int32)}
-  args = (state, {}, {'x': jnp.ones((2, 3))})
-  donating = jax.jit(lambda s, f, b: train.train_step(loss, optimizer, s, f, b), donate_argnums=(0,))
+  args = (state, {}, {'x': jnp.ones((2, 3))}, 1.0)
+  donating = jax.jit(functools.partial(train.train_step, loss, optimizer), donate_argnums=(0,))
   assert 'tf.aliasing_output' in donating.lower(*args).as_text()  # what donation looks like
   step = train.jit_step(loss, optimizer, train.data_mesh(2))
   assert 'tf.aliasing_output' not in step.lower(*args).as_text()

@@ -55,6 +55,12 @@ def _train(learning_rate, head_lr_mult, epochs=0, steps=0):
   # Learning-rate multiplier for the layers trained from scratch (attention, classifier,
   # saliency head) relative to the ImageNet-initialised backbone.
   t.head_lr_mult = head_lr_mult
+  # Learning-rate schedule over the training length: 'constant' or 'cosine' (a half
+  # cosine from the rates above towards 0 at the last step, `train.lr_scale`). Constant
+  # in both methods: on the multi-class dev groups cosine gained 4.8 J on 24 Penn-Fudan
+  # photos as one class and lost 1.6-3.6 J on two MSRC groups and 3.1 on all horses
+  # (BUILD.md, session 14); DeepCO3 on fudanped24 moved by < 0.05 either way.
+  t.schedule = 'constant'
   t.b1 = 0.9
   t.b2 = 0.999
   t.eps = 1e-8
@@ -100,6 +106,8 @@ def _crf():
 # (`saliency.foreground` says why a floor): fudanped24 baseline mAP^r@0.5 0.321 at 1e-4,
 # 0.362 at 1e-3, 0.352 at 1e-2, 0.257 at 0.1; fudanped 0.293 at 1e-3, 0.324 at 1e-2.
 _SALIENCY_CRF_FLOOR = 0.01
+
+SCHEDULES = ('constant', 'cosine')  # train.schedule (core/train.lr_scale)
 
 
 def _output():
@@ -152,6 +160,7 @@ def check_shared(config):
   r('train.checkpoint_every', 1, integer=True)
   r('train.max_checkpoints', 1, integer=True)
   errors.check_one_of('train.on_mismatch', config.train.on_mismatch, ('stop', 'fresh'))
+  errors.check_one_of('train.schedule', config.train.schedule, SCHEDULES)
 
 
 def multiclass():

@@ -53,6 +53,7 @@ class TrainConfig:
   seed: int = 0
   head_lr_mult: float = 1.0
   steps: int = 0  # > 0: the training length instead of `epochs`
+  schedule: str = 'constant'  # 'constant' | 'cosine' (`lr_scale`)
 
   @classmethod
   def from_config(cls, config):
@@ -60,7 +61,8 @@ class TrainConfig:
     return cls(epochs=t.epochs, steps=t.steps, batch_size=config.data.batch_size,
                learning_rate=t.learning_rate, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
                eps=t.eps, checkpoint_every=t.checkpoint_every,
-               max_checkpoints=t.max_checkpoints, seed=config.seed, head_lr_mult=t.head_lr_mult)
+               max_checkpoints=t.max_checkpoints, seed=config.seed, head_lr_mult=t.head_lr_mult,
+               schedule=t.schedule)
 
 
 # Top-level parameter subtrees initialised from ImageNet weights; everything else
@@ -83,6 +85,20 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                       for k, v in params.items()}))
 
 
+def lr_scale(schedule, step, total):
+  """The factor on every learning rate at `step` of `total` (0-based): 1 throughout
+  ('constant'), or a half cosine from 1 at step 0 towards 0 at `total` ('cosine').
+
+  A host-side function of the step, passed to the jitted step as an argument, so one
+  compile serves groups of any length and a resumed run continues the same curve.
+  """
+  if schedule == 'cosine':
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))
+  if schedule == 'constant':
+    return 1.0
+  raise ValueError(f'unknown schedule {schedule!r}')
+
+
 def steps_per_epoch(num_items, batch_size):
   return math.ceil(num_items / batch_size)
 
@@ -95,12 +111,14 @@ def batch_indices(num_items, batch_size, seed, step):
   return np.take(order, np.arange(k * batch_size, (k + 1) * batch_size), mode='wrap')
 
 
-def train_step(loss_fn, optimizer, state, frozen, batch):
-  """One Adam step; the loss comes back NaN when the updated params are not finite, so
-  the trainer's guard also stops a step whose loss was finite but whose update was not
-  (e.g. a NaN learning rate), before those params reach a checkpoint."""
+def train_step(loss_fn, optimizer, state, frozen, batch, lr_scale):
+  """One Adam step, its update times `lr_scale` (the schedule's factor, `lr_scale`); the
+  loss comes back NaN when the updated params are not finite, so the trainer's guard also
+  stops a step whose loss was finite but whose update was not (e.g. a NaN learning rate),
+  before those params reach a checkpoint."""
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], frozen, batch)
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+  updates = jax.tree.map(lambda u: lr_scale * u, updates)
   params = optax.apply_updates(state['params'], updates)
   finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
   new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
@@ -150,7 +168,8 @@ def put(tree, mesh, spec=PartitionSpec()):
 
 
 def jit_step(loss_fn, optimizer, mesh):
-  """`train_step` compiled for `mesh`: batch split over 'data', everything else replicated.
+  """`train_step` compiled for `mesh`: batch split over 'data', everything else (the lr
+  scale included) replicated.
 
   The state is donated on accelerators only. On CPU, XLA copies every donated parameter
   that the backward still reads when its update could already run (all the conv kernels):
@@ -160,7 +179,8 @@ def jit_step(loss_fn, optimizer, mesh):
   replicated = NamedSharding(mesh, PartitionSpec())
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
   return jax.jit(functools.partial(train_step, loss_fn, optimizer),
-                 in_shardings=(replicated, replicated, NamedSharding(mesh, PartitionSpec('data'))),
+                 in_shardings=(replicated, replicated, NamedSharding(mesh, PartitionSpec('data')),
+                               replicated),
                  out_shardings=replicated, donate_argnums=() if on_cpu else (0,))
 
 
@@ -349,7 +369,8 @@ class Trainer:
       for step in range(start, total):
         idx = batch_indices(num_items, tc.batch_size, tc.seed, step)
         batch = put({k: v[idx] for k, v in data.items()}, mesh, PartitionSpec('data'))
-        state, loss, aux = self.step_fn(state, frozen, batch)
+        scale = put(np.float32(lr_scale(tc.schedule, step, total)), mesh)
+        state, loss, aux = self.step_fn(state, frozen, batch, scale)
         settle()
         pending = (step, loss, aux)
         done = step + 1

@@ -298,7 +298,7 @@ def label_group(config, group, maps, background=None):
   `background(label maps)` names (default: the border rule)."""
   pairs = progress.bar(zip(group.samples, maps), total=len(maps), desc=f'infer {group.name}',
                        quiet=config.output.quiet)
-  if config.baseline == 'center':  # the ellipse itself, no CRF
+  if config.baseline in ('center', 'saliency'):  # the ellipse, or already the CRF's labels
     labels = [np.argmax(m, axis=-1).astype(np.uint8) for _, m in pairs]
   else:
     labels = [postprocess.labels_from_maps(s.image, m, config.infer) for s, m in pairs]
