@@ -57,9 +57,9 @@ def _train(learning_rate, head_lr_mult, epochs=0, steps=0):
   t.head_lr_mult = head_lr_mult
   # Learning-rate schedule over the training length: 'constant' or 'cosine' (a half
   # cosine from the rates above towards 0 at the last step, `train.lr_scale`). Constant
-  # in both methods: on the multi-class dev groups cosine gained 4.8 J on 24 Penn-Fudan
-  # photos as one class and lost 1.6-3.6 J on two MSRC groups and 3.1 on all horses
-  # (BUILD.md, session 14); DeepCO3 on fudanped24 moved by < 0.05 either way.
+  # in both methods: on the multi-class dev groups cosine gained 4.1 J on 24 Penn-Fudan
+  # photos as one class and lost 1.0-3.6 J on the other one-class groups and on two MSRC
+  # groups (BUILD.md, session 14); DeepCO3 on fudanped24 moved by < 0.05 either way.
   t.schedule = 'constant'
   t.b1 = 0.9
   t.b2 = 0.999
