@@ -112,8 +112,8 @@ def batch_indices(num_items, batch_size, seed, step):
 
 
 def train_step(loss_fn, optimizer, state, frozen, batch, lr_scale):
-  """One Adam step, its update times `lr_scale` (the schedule's factor, `lr_scale`); the
-  loss comes back NaN when the updated params are not finite, so the trainer's guard also
+  """One Adam step, its update times `lr_scale` (the schedule's factor at this step, from
+  the function of that name); the loss comes back NaN when the updated params are not finite, so the trainer's guard also
   stops a step whose loss was finite but whose update was not (e.g. a NaN learning rate),
   before those params reach a checkpoint."""
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], frozen, batch)

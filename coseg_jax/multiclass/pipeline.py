@@ -335,7 +335,8 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
   if config.baseline == 'saliency':
     # DeepCO3's foreground of the prior: the CRF redraws the split from the prior itself
     # (fudanped as one class J 65.1 vs 60.8 for the split at the stride-16 grid, one-hot,
-    # then the CRF; BUILD.md). One-hot maps: the CRF of `label_group` leaves them as they are.
+    # then the CRF; BUILD.md). One-hot maps of the CRF's labels: `label_group` takes their
+    # argmax, no second CRF.
     priors_HxW = [data.resize_probs(p[..., None], s.image.shape[:2])[..., 0]
                   for p, s in zip(prior, group.samples)]
     foregrounds = saliency_foregrounds(config, [s.image for s in group.samples], priors_HxW)
