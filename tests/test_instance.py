@@ -126,6 +126,8 @@ def test_deepco3_end_to_end(group_dir, tmp_path):
 def test_saliency_baseline_is_components_of_the_prior(group_dir, tmp_path):
   workdir = str(tmp_path / 'base')
   config = _config(group_dir, baseline='saliency')
+  # SPEC §6(b) as written: whole components (the split has its own tests below).
+  config.saliency.split = 'none'
   summary = main.run(config, workdir)
   group = data.load_group(group_dir, need='instances')
   assert summary['method'] == 'saliency baseline' and summary['backbone'] is None
@@ -186,6 +188,64 @@ def test_saliency_components_rank_by_prior_mass_and_drop_specks():
   assert empty_masks.shape == (0, 30, 40) and not len(empty_scores)
 
 
+def _ellipse(shape, cy, cx, ry, rx):
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  return (yy - cy) ** 2 / ry ** 2 + (xx - cx) ** 2 / rx ** 2 <= 1
+
+
+def _people_group():
+  """Four 48 x 80 priors: upright people (height 2.5x width) of three sizes, one image
+  with three of them touching side by side, one with a person twice as tall for its width."""
+  shape = (48, 80)
+  people = [[_ellipse(shape, 24, 40, 20, 8)], [_ellipse(shape, 20, 30, 15, 6)],
+            [_ellipse(shape, 24, cx, 20, 8) for cx in (24, 39, 54)],
+            [_ellipse(shape, 24, 40, 22, 4.4)]]
+  priors = [np.where(np.any(p, 0), 0.9, 0.05).astype(np.float32) for p in people]
+  return people, priors
+
+
+def test_group_aspect_split_cuts_people_side_by_side_only():
+  people, priors = _people_group()
+  whole = instance_baseline.group_components(priors, [p > 0.5 for p in priors], 'none')
+  assert [len(m) for m, _ in whole] == [1, 1, 1, 1]  # the three are one component
+  split = instance_baseline.group_components(priors, [p > 0.5 for p in priors], 'aspect')
+  assert [len(m) for m, _ in split] == [1, 1, 3, 1]
+  for (masks, scores), gts, prior in zip(split, people, priors):
+    best = proposals.best_overlaps(masks, gts)
+    assert min(best) > 0.8, best  # each person is an instance, the tall one uncut
+    np.testing.assert_allclose(scores, [(prior * m).sum() / m.size for m in masks], rtol=1e-6)
+    assert list(scores) == sorted(scores, reverse=True)
+  assert max(proposals.best_overlaps(whole[2][0], people[2])) < 0.5
+
+
+def test_group_aspect_split_keeps_a_group_of_wide_objects_whole():
+  """The ratio is the group's own: horses, wider than tall, are not cut for being wide."""
+  shape = (48, 80)
+  horses = [_ellipse(shape, 24, 40, 8, 24), _ellipse(shape, 20, 30, 6, 15), _ellipse(shape, 30, 44, 10, 30)]
+  priors = [np.where(h, 0.9, 0.05).astype(np.float32) for h in horses]
+  split = instance_baseline.group_components(priors, [p > 0.5 for p in priors], 'aspect')
+  assert [len(m) for m, _ in split] == [1, 1, 1]
+  assert all(np.array_equal(m[0], h) for (m, _), h in zip(split, horses))
+
+
+def test_the_baseline_splits_people_side_by_side_end_to_end(tmp_path):
+  """`saliency.split` reaches the baseline's detections through the pipeline."""
+  people, priors = _people_group()
+  samples = [data.Sample(f'im{i}', str(tmp_path / f'im{i}.png'), np.zeros(p.shape + (3,), np.uint8), instances=g)
+             for i, (p, g) in enumerate(zip(priors, people))]
+  group = data.Group('people', str(tmp_path), samples)
+  config = _config(None, baseline='saliency')
+  config.saliency.refine = 'none'
+  hits = {}
+  for split in instance_baseline.SPLITS:
+    config.saliency.split = split
+    masks, scores, _ = instance.detect_group(config, group, priors, None, None)
+    hits[split] = instance.score_group('people', masks, scores, masks, [s.instances for s in samples])
+  assert hits['aspect']['mAP_r@0.5'] == pytest.approx(1.0)
+  assert hits['aspect']['detections'] == 6 and hits['none']['detections'] == 4
+  assert hits['none']['mAP_r@0.5'] < 0.5
+
+
 def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path):
   """With `proposals.prior_components` the prior's components join the candidates, and a
   peak's map on a person selects that person's outline where no proposal has it."""
@@ -202,7 +262,8 @@ def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path
   prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (8, 24)])
   for with_components in (True, False):
     config.proposals.prior_components = with_components
-    candidates = instance.candidate_masks(config, sample, prior, prior > prior.mean())
+    components, _ = instance_baseline.saliency_components(prior, prior > prior.mean())
+    candidates = instance.candidate_masks(config, sample, components)
     assert len(candidates) == 2 + 2 * with_components
     masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
     best = proposals.best_overlaps(masks, people)
@@ -228,6 +289,7 @@ def test_instance_labels_best_rank_wins_and_bbox():
     ('proposals.source', 'mcg', 'config.proposals.source'),
     ('proposals.source', 'folder', 'proposals folder does not exist'),
     ('saliency.prior', 'folder', 'saliency folder does not exist'),
+    ('saliency.split', 'voronoi', 'config.saliency.split'),
     ('data.batch_size', 3, 'must be even'),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, field, value, words):

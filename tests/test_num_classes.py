@@ -88,3 +88,25 @@ def test_k_chart_draws_the_criterion_per_k():
   assert chart.ndim == 3 and chart.dtype == np.uint8
   # The line is drawn in the first series colour.
   assert (chart == np.array(report.SERIES_COLOURS[0], np.uint8)).all(-1).sum() > 50
+
+
+def test_k_estimate_reads_the_prior_foreground_the_one_class_rule_reads(monkeypatch):
+  """With the 'saliency' rule the K estimate names the background from the same 0/1
+  foreground of the co-saliency prior as the one-class init and rule, not the raw prior."""
+  config = defaults.multiclass()
+  config.data.image_size = 32
+  config.infer.background, config.infer.method = 'saliency', 'argmax'  # argmax: prior > mean
+  extractor = _pixel_extractor()
+  extractor.tap_info = lambda: {'stride16': None, 'stride32': None}
+  background = multiclass.Background.build(config, extractor, {})
+  raw = [np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32) ** 3] * 3
+  monkeypatch.setattr(multiclass.Background, 'co_saliency', lambda self, images: raw)
+  monkeypatch.setattr(multiclass.baseline, 'dense_features', lambda b, v, images, taps: list(images))
+  seen = {}
+  monkeypatch.setattr(num_classes, 'estimate',
+                      lambda *args: seen.setdefault('prior', args[-1]) and (1, {1: 0.0, 2: 1.0}))
+  group = types.SimpleNamespace(samples=[types.SimpleNamespace(image=(img * 255).astype(np.uint8))
+                                         for img in _group(1, n=3)])
+  assert multiclass.estimate_num_classes(config, group, extractor, {}, background)[0] == 1
+  for prior, r in zip(seen['prior'], raw):
+    np.testing.assert_array_equal(prior, (r > r.mean()).astype(np.float32))

@@ -6,8 +6,10 @@ ranked per peak (Eq. 7) -> mask NMS -> group-level percentile filter. Masks and 
 maps that rank them live at each image's original resolution, as in the authors'
 RunInstMaskGen.m (network maps resized bilinearly, proposals nearest).
 
-`config.baseline == 'saliency'` is SPEC §6(b): the prior binarised at its mean, one
-instance per connected component scored by the mean prior inside, no training.
+`config.baseline == 'saliency'` is SPEC §6(b): the prior's foreground (its split at the
+mean, redrawn by the CRF), one instance per connected component scored by the prior's
+mass inside, components wider than the group's typical one cut side by side
+(`baseline.group_components`), no training.
 Both are scored by the same code: mAP^r and CorLoc^r per group and their means, and
 the quality of the candidate masks (proposals, or the baseline's components).
 """
@@ -116,26 +118,25 @@ def bbox_xywh(mask_HxW):
   return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
-def candidate_masks(config, sample, prior_HxW, foreground_HxW):
+def candidate_masks(config, sample, components_KxHxW):
   """The masks Eq. 7 chooses from: the configured proposals and, with
-  `proposals.prior_components`, the connected components of the image's saliency
-  foreground (the baseline's instances), which follow a person's outline where the
-  superpixel grouping merges the person with the ground (BUILD.md, real photographs)."""
+  `proposals.prior_components`, the image's instances of the saliency baseline
+  (`components_KxHxW`, `baseline.group_components`), which follow a person's outline where
+  the superpixel grouping merges the person with the ground (BUILD.md, real photographs)."""
   props = proposals.proposals_for(config.proposals, sample.stem, sample.image)
   if config.proposals.prior_components:
-    props = np.concatenate([props, baseline.saliency_components(prior_HxW, foreground_HxW)[0]])
+    props = np.concatenate([props, components_KxHxW])
   return props
 
 
 def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw, sal_SxS, sample,
-                 prior_HxW, foreground_HxW):
+                 components_KxHxW):
   """DeepCO3 on one image: (masks by score, scores, candidate masks, number of peaks) at
   its size.
 
   `prm_score` and `params_and_frozen` are the `apply_fn` and `params` of
-  `prm.peak_response_maps`; `prior_HxW` and `foreground_HxW` are the image's saliency
-  prior and its binary foreground (`saliency.foreground`; None without
-  `proposals.prior_components`) at its size.
+  `prm.peak_response_maps`; `components_KxHxW` are the image's saliency baseline instances
+  at its size (None without `proposals.prior_components`).
   """
   shape_hw = sample.image.shape[:2]
   peaks = [(y, x) for y, x in deepco3.instance_peaks(score_hxw)
@@ -143,7 +144,7 @@ def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw,
   if not peaks:  # nothing salient: the image's strongest peak stands in
     peaks = [tuple(int(v) for v in np.unravel_index(np.argmax(score_hxw), score_hxw.shape))]
   maps = prm.peak_response_maps(prm_score, params_and_frozen, image_1xSxSx3, peaks)
-  props = candidate_masks(config, sample, prior_HxW, foreground_HxW)
+  props = candidate_masks(config, sample, components_KxHxW)
   r = config.rank
   masks, scores = proposals.select_instances(
       data.resize_probs(maps, shape_hw, axis=0), data.resize_probs(sal_SxS[None], shape_hw, axis=0)[0], props,
@@ -158,18 +159,18 @@ def detect_group(config, group, priors, net, group_dir):
   `net` is the run's Network (None for the saliency baseline).
   """
   quiet = config.output.quiet
-  foregrounds = [None] * len(priors)
+  components = [(None, None)] * len(priors)
   if config.baseline == 'saliency' or config.proposals.prior_components:
     started = time.time()
     sal = config.saliency
     crf_cfg = sal.crf if sal.refine == 'crf' else None
     foregrounds = [saliency.foreground(s.image, p, crf_cfg, sal.crf_floor)
                    for s, p in zip(group.samples, priors)]
-    log.info('%s: saliency foreground (refine %s) in %.1fs', group.name, sal.refine,
-             time.time() - started)
+    components = baseline.group_components(priors, foregrounds, sal.split)
+    log.info('%s: saliency foreground (refine %s, split %s) in %.1fs', group.name, sal.refine,
+             sal.split, time.time() - started)
   if config.baseline == 'saliency':
-    found = [baseline.saliency_components(p, f) for p, f in zip(priors, foregrounds)]
-    return [m for m, _ in found], [s for _, s in found], [m for m, _ in found]
+    return [m for m, _ in components], [s for _, s in components], [m for m, _ in components]
   size = config.data.image_size
   images = data.resize_batch([s.image for s in group.samples], size)
   small_priors = np.stack([data.resize_probs(p[..., None], (size, size))[..., 0] for p in priors])
@@ -187,7 +188,7 @@ def detect_group(config, group, priors, net, group_dir):
   masks, scores, candidates, num_peaks = [], [], [], []
   for i, sample in enumerate(progress.bar(group.samples, desc=f'instances {group.name}', quiet=quiet)):
     m, s, props, k = detect_image(config, net.prm_score, (params, net.frozen), images[i:i + 1],
-                                  score_Nxhxw[i], sal_NxSxS[i], sample, priors[i], foregrounds[i])
+                                  score_Nxhxw[i], sal_NxSxS[i], sample, components[i][0])
     masks.append(m)
     scores.append(s)
     candidates.append(props)
@@ -255,6 +256,7 @@ def check_config(config):
   errors.check_one_of('baseline', config.baseline, BASELINES)
   errors.check_one_of('saliency.prior', config.saliency.prior, saliency.PRIORS)
   errors.check_one_of('saliency.refine', config.saliency.refine, saliency.REFINES)
+  errors.check_one_of('saliency.split', config.saliency.split, baseline.SPLITS)
   r('saliency.crf_floor', 0, 0.5, below=True)
   crf.check_fields(config, 'saliency.crf')
   errors.check_one_of('proposals.source', config.proposals.source, proposals.SOURCES)

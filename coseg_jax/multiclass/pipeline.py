@@ -78,6 +78,16 @@ def saliency_foregrounds(config, images_uint8, prior_list):
           for image, p in zip(images_uint8, prior_list)]
 
 
+def group_prior(config, background, images_NxSxSx3, raw=False):
+  """The group's co-saliency prior at the network input as the one-class init, the
+  'saliency' rule and the K estimate read it: its `saliency_foregrounds` as 0/1 maps;
+  `raw` keeps the prior itself (the 'saliency' baseline redraws it at the photo's size)."""
+  prior = background.co_saliency(images_NxSxSx3)
+  if raw:
+    return prior
+  return [fg.astype(np.float32) for fg in saliency_foregrounds(config, _uint8(images_NxSxSx3), prior)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Background:
   """The background rules (`infer.background`) with the extractor they read: its jitted
@@ -427,7 +437,7 @@ def estimate_num_classes(config, group, extractor, extractor_vars, background):
   feats = baseline.dense_features(extractor, extractor_vars, images,
                                   cluster_taps(config, extractor))
   rule = untrained_rule(config)
-  prior = background.co_saliency(images) if rule == 'saliency' else None
+  prior = group_prior(config, background, images) if rule == 'saliency' else None
   return estimate_k.estimate(background, images, feats, config.max_classes, config.seed,
                              rule, prior)
 
@@ -565,9 +575,9 @@ def cosegment_groups(config, groups, workdir=None):
              config.infer.method, background_rule(gconfig))
     check_one_class(gconfig, group)
     images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
-    prior = background.co_saliency(images) if needs_prior(gconfig) else None
-    if prior is not None and gconfig.baseline != 'saliency':  # the baseline redraws it itself
-      prior = [fg.astype(np.float32) for fg in saliency_foregrounds(gconfig, _uint8(images), prior)]
+    prior = None
+    if needs_prior(gconfig):
+      prior = group_prior(gconfig, background, images, raw=gconfig.baseline == 'saliency')
     maps = segment_group(gconfig, group, images, model_for(gconfig.num_classes), extractor,
                          extractor_vars, background, group_dir, prior)
     labels = label_group(gconfig, group, maps,
