@@ -17,13 +17,16 @@ steps on fudanped24 (0.114 -> 0.106, S > 0.5 almost everywhere), at 1e-5 / 1e-3 
 to 0.039; 40 steps instead of 40 epochs (train.steps: the saliency loss is lowest near
 step 40 on a group of any size, and 10 epochs of the 74-image fudanped, 130 steps, lost
 half its mAP^r@0.25); the saliency prior is 'ddt_mbd', instance peaks must be salient
-(config.rank.peak_min_score), and the prior's connected components, redrawn by the dense
-CRF (config.saliency.refine), join the candidates Eq. 7 ranks. The paper's setting,
-e.g. with VGG16 weights:
+(config.rank.peak_min_score), and Eq. 7 ranks the saliency baseline's instances (the
+prior's connected components, redrawn by the dense CRF and cut side by side by the group's
+shape: config.saliency.refine, config.saliency.split) instead of superpixel proposals
+(config.proposals.source='none'). The paper's setting, e.g. with VGG16 weights and MCG
+proposals in a folder:
 
   --config.train.learning_rate=1e-6 --config.train.head_lr_mult=1
   --config.train.steps=0 --config.train.epochs=40
   --config.saliency.prior=mbd --config.rank.peak_min_score=-inf
+  --config.proposals.source=folder --config.proposals.folder=<MCG masks>
   --config.proposals.prior_components=False
 """
 from coseg_jax.core import config as defaults

@@ -273,6 +273,37 @@ def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path
       assert max(best) < 0.5, best
 
 
+def test_without_proposals_the_peaks_rank_the_baseline_instances():
+  """`proposals.source='none'`: Eq. 7 chooses among the saliency baseline's instances only,
+  so a peak's map picks its person's piece, not a larger region around it."""
+  yy, xx = np.mgrid[:24, :32]
+  people = [(yy - 12) ** 2 / 64 + (xx - cx) ** 2 / 16 <= 1 for cx in (8, 24)]
+  prior = np.where(people[0] | people[1], 0.9, 0.05).astype(np.float32)
+  components, _ = instance_baseline.saliency_components(prior, prior > prior.mean())
+  config = defaults.instance()
+  config.proposals.source = 'none'
+  sample = data.Sample('img', 'img.png', np.zeros((24, 32, 3), np.uint8))
+  candidates = instance.candidate_masks(config, sample, components)
+  np.testing.assert_array_equal(candidates, components)
+  config.proposals.source = 'builtin'  # the superpixel grouping's regions, then the instances
+  image = np.where(prior[..., None] > 0.5, [200, 40, 40], [40, 120, 40]).astype(np.uint8)
+  built = instance.candidate_masks(config, data.Sample('img', 'img.png', image), components)
+  own = proposals.generate(image, min_area=config.proposals.min_area, max_area=config.proposals.max_area)
+  assert len(own) > 0
+  np.testing.assert_array_equal(built, np.concatenate([own, components]))
+  prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (24, 8)])
+  masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
+  assert len(masks) == 2 and min(proposals.best_overlaps(masks, people)) == 1.0
+
+
+def test_no_proposals_and_no_components_is_a_config_error(tmp_path):
+  c = _config(None)
+  c.proposals.source, c.proposals.prior_components = 'none', False
+  with pytest.raises(InputError, match='no candidates'):
+    instance.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
 def test_instance_labels_best_rank_wins_and_bbox():
   a = np.zeros((5, 6), bool)
   a[1:4, 1:4] = True

@@ -193,7 +193,7 @@ def detect_group(config, group, priors, net, group_dir):
     scores.append(s)
     candidates.append(props)
     num_peaks.append(k)
-  log.info('%s: %.1f peaks and %.0f proposals per image, detected in %.0fs', group.name,
+  log.info('%s: %.1f peaks and %.0f candidate masks per image, detected in %.0fs', group.name,
            np.mean(num_peaks), np.mean([len(c) for c in candidates]), time.time() - started)
   keep = proposals.drop_low_scores(scores, config.rank.drop_percentile)
   return [m[k] for m, k in zip(masks, keep)], [s[k] for s, k in zip(scores, keep)], candidates
@@ -263,6 +263,9 @@ def check_config(config):
   folders = [('saliency', config.saliency.prior == 'folder')]
   if config.baseline == 'none':
     folders.append(('proposals', config.proposals.source == 'folder'))
+    if config.proposals.source == 'none' and not config.proposals.prior_components:
+      raise InputError('config.proposals.source: none leaves Eq. 7 no candidates unless '
+                       'config.proposals.prior_components is True')
     if config.data.batch_size < 2 or config.data.batch_size % 2:
       raise InputError(f'config.data.batch_size: DeepCO3 pairs image i with i + B/2, so the '
                        f'batch size must be even and at least 2 (got {config.data.batch_size})')

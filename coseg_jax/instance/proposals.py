@@ -35,7 +35,8 @@ from coseg_jax.core.errors import InputError
 from coseg_jax.core.saliency import superpixel_graph
 from coseg_jax.instance import metrics as instance_metrics
 
-SOURCES = ('builtin', 'folder')
+# 'none': no proposals of its own; the candidates are then `proposals.prior_components`'.
+SOURCES = ('builtin', 'folder', 'none')
 PROPOSAL_EXTENSIONS = ('.mat', '.h5', '.hdf5')
 _COLOR_BINS = 25
 _ORIENT_BINS, _MAG_BINS = 8, 10
@@ -261,6 +262,8 @@ def proposals_for(cfg_proposals, stem, image_uint8):
   """Proposals of one image from the configured source, area-filtered: bool NxHxW."""
   if cfg_proposals.source == 'builtin':
     return generate(image_uint8, min_area=cfg_proposals.min_area, max_area=cfg_proposals.max_area)
+  if cfg_proposals.source == 'none':
+    return np.zeros((0,) + image_uint8.shape[:2], bool)
   if cfg_proposals.source != 'folder':
     raise ValueError(f'unknown proposal source {cfg_proposals.source!r} ({" | ".join(SOURCES)})')
   folder = cfg_proposals.folder
