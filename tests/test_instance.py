@@ -246,12 +246,19 @@ def test_the_baseline_splits_people_side_by_side_end_to_end(tmp_path):
   assert hits['none']['mAP_r@0.5'] < 0.5
 
 
+def _two_people():
+  """A 24 x 32 image's two people side by side, its prior, and a peak's map on each."""
+  yy, xx = np.mgrid[:24, :32]
+  people = [(yy - 12) ** 2 / 64 + (xx - cx) ** 2 / 16 <= 1 for cx in (8, 24)]
+  prior = np.where(people[0] | people[1], 0.9, 0.05).astype(np.float32)
+  prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (8, 24)])
+  return people, prior, prms
+
+
 def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path):
   """With `proposals.prior_components` the prior's components join the candidates, and a
   peak's map on a person selects that person's outline where no proposal has it."""
-  yy, xx = np.mgrid[:24, :32]
-  people = [(yy - 12) ** 2 / 64 + (xx - 8) ** 2 / 16 <= 1, (yy - 12) ** 2 / 64 + (xx - 24) ** 2 / 16 <= 1]
-  prior = np.where(people[0] | people[1], 0.9, 0.05).astype(np.float32)
+  people, prior, prms = _two_people()
   halves = np.zeros((2, 24, 32), bool)
   halves[0, :, :16] = halves[1, :, 16:] = True  # each holds one person and its ground
   with h5py.File(tmp_path / 'img.h5', 'w') as f:
@@ -259,7 +266,6 @@ def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path
   config = defaults.instance()
   config.proposals.source, config.proposals.folder = 'folder', str(tmp_path)
   sample = data.Sample('img', str(tmp_path / 'img.png'), np.zeros((24, 32, 3), np.uint8))
-  prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (8, 24)])
   for with_components in (True, False):
     config.proposals.prior_components = with_components
     components, _ = instance_baseline.saliency_components(prior, prior > prior.mean())
@@ -276,9 +282,7 @@ def test_the_ranking_can_choose_the_prior_components_the_proposals_lack(tmp_path
 def test_without_proposals_the_peaks_rank_the_baseline_instances():
   """`proposals.source='none'`: Eq. 7 chooses among the saliency baseline's instances only,
   so a peak's map picks its person's piece, not a larger region around it."""
-  yy, xx = np.mgrid[:24, :32]
-  people = [(yy - 12) ** 2 / 64 + (xx - cx) ** 2 / 16 <= 1 for cx in (8, 24)]
-  prior = np.where(people[0] | people[1], 0.9, 0.05).astype(np.float32)
+  people, prior, prms = _two_people()
   components, _ = instance_baseline.saliency_components(prior, prior > prior.mean())
   config = defaults.instance()
   config.proposals.source = 'none'
@@ -291,7 +295,6 @@ def test_without_proposals_the_peaks_rank_the_baseline_instances():
   own = proposals.generate(image, min_area=config.proposals.min_area, max_area=config.proposals.max_area)
   assert len(own) > 0
   np.testing.assert_array_equal(built, np.concatenate([own, components]))
-  prms = np.stack([np.exp(-((yy - 12) ** 2 + (xx - cx) ** 2) / 8.0) for cx in (24, 8)])
   masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
   assert len(masks) == 2 and min(proposals.best_overlaps(masks, people)) == 1.0
 

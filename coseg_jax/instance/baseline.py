@@ -11,9 +11,12 @@ from coseg_jax.core import saliency
 SPLITS = ('aspect', 'none')
 
 
-def _mass_scores(prior_HxW, masks_KxHxW):
-  """The prior's mass inside each mask per pixel of the image."""
-  return (np.asarray(prior_HxW, np.float64)[None] * masks_KxHxW).sum((1, 2)) / prior_HxW.size
+def _by_mass(prior_HxW, masks_KxHxW):
+  """(masks, scores) best first, a mask scored by the prior's mass inside it per pixel of
+  the image."""
+  scores = (np.asarray(prior_HxW, np.float64)[None] * masks_KxHxW).sum((1, 2)) / prior_HxW.size
+  order = np.argsort(-scores, kind='stable')
+  return masks_KxHxW[order], scores[order]
 
 
 def saliency_components(prior_HxW, foreground_HxW):
@@ -31,9 +34,7 @@ def saliency_components(prior_HxW, foreground_HxW):
   ids = ids[area >= labels.size / saliency.MBD_SEGMENTS]
   if not len(ids):
     return np.zeros((0,) + labels.shape, bool), np.zeros(0)
-  scores = np.asarray(ndimage.sum(prior_HxW, labels, ids)) / labels.size
-  order = np.argsort(-scores, kind='stable')
-  return labels[None] == ids[order, None, None], scores[order]
+  return _by_mass(prior_HxW, labels[None] == ids[:, None, None])
 
 
 def spread_aspect(mask_HxW):
@@ -81,23 +82,20 @@ def split_by_group_aspect(components, priors):
   ground merge side by side, and a tall single instance must not be cut in two. Without a
   constant: a group of wide objects (horses) has a wide median and keeps them whole.
   """
-  aspects = [spread_aspect(m) for masks, _ in components for m in masks]
-  if not aspects:
+  aspects = [[spread_aspect(m) for m in masks] for masks, _ in components]
+  if not any(aspects):
     return components
-  typical = float(np.median(aspects))
+  typical = float(np.median(np.concatenate(aspects)))
   out = []
-  for (masks, scores), prior in zip(components, priors):
-    pieces = []
-    for mask in masks:
-      parts = int(round(typical / spread_aspect(mask)))
-      pieces += cut_side_by_side(mask, parts) if parts >= 2 else [mask]
-    if not pieces:
+  for (masks, scores), image_aspects, prior in zip(components, aspects, priors):
+    if not len(masks):
       out.append((masks, scores))
       continue
-    pieces = np.stack(pieces)
-    piece_scores = _mass_scores(prior, pieces)
-    order = np.argsort(-piece_scores, kind='stable')
-    out.append((pieces[order], piece_scores[order]))
+    pieces = []
+    for mask, aspect in zip(masks, image_aspects):
+      parts = int(round(typical / aspect))
+      pieces += cut_side_by_side(mask, parts) if parts >= 2 else [mask]
+    out.append(_by_mass(prior, np.stack(pieces)))
   return out
 
 

@@ -78,13 +78,10 @@ def saliency_foregrounds(config, images_uint8, prior_list):
           for image, p in zip(images_uint8, prior_list)]
 
 
-def group_prior(config, background, images_NxSxSx3, raw=False):
+def group_prior(config, background, images_NxSxSx3):
   """The group's co-saliency prior at the network input as the one-class init, the
-  'saliency' rule and the K estimate read it: its `saliency_foregrounds` as 0/1 maps;
-  `raw` keeps the prior itself (the 'saliency' baseline redraws it at the photo's size)."""
+  'saliency' rule and the K estimate read it: its `saliency_foregrounds` as 0/1 maps."""
   prior = background.co_saliency(images_NxSxSx3)
-  if raw:
-    return prior
   return [fg.astype(np.float32) for fg in saliency_foregrounds(config, _uint8(images_NxSxSx3), prior)]
 
 
@@ -576,8 +573,10 @@ def cosegment_groups(config, groups, workdir=None):
     check_one_class(gconfig, group)
     images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
     prior = None
-    if needs_prior(gconfig):
-      prior = group_prior(gconfig, background, images, raw=gconfig.baseline == 'saliency')
+    if gconfig.baseline == 'saliency':  # the baseline redraws the raw prior at the photo's size
+      prior = background.co_saliency(images)
+    elif needs_prior(gconfig):
+      prior = group_prior(gconfig, background, images)
     maps = segment_group(gconfig, group, images, model_for(gconfig.num_classes), extractor,
                          extractor_vars, background, group_dir, prior)
     labels = label_group(gconfig, group, maps,
