@@ -20,8 +20,9 @@ half its mAP^r@0.25); the saliency prior is 'ddt_mbd', instance peaks must be sa
 (config.rank.peak_min_score), and Eq. 7 ranks the saliency baseline's instances (the
 prior's connected components, redrawn by the dense CRF and cut side by side by the group's
 shape: config.saliency.refine, config.saliency.split) instead of superpixel proposals
-(config.proposals.source='none'). The paper's setting, e.g. with VGG16 weights and MCG
-proposals in a folder:
+(config.proposals.source='none'), every one of them a detection scored by its best peak
+(config.rank.detections='auto'; a peak's best candidate only with proposals, as in the
+paper). The paper's setting, e.g. with VGG16 weights and MCG proposals in a folder:
 
   --config.train.learning_rate=1e-6 --config.train.head_lr_mult=1
   --config.train.steps=0 --config.train.epochs=40

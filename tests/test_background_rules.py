@@ -39,36 +39,41 @@ def _stuff_group(n=6, size=32, seed=0):
   return np.stack(images), labels
 
 
-def test_consistency_rule_keeps_a_stuff_class_that_owns_the_border():
+def test_default_rule_keeps_a_stuff_class_that_owns_the_border():
   images, labels = _stuff_group()
   config = defaults.multiclass()
   config.num_classes = 2
   config.data.image_size = images.shape[1]
   rule = multiclass.background_rule(config)
-  assert rule == 'consistency'   # the default ('auto') for more than one class
+  assert rule == 'saliency+consistency'   # the default ('auto') for more than one class
   # The border rule calls grass (label 1) background ...
   assert postprocess.border_label(labels, 3) == 1
-  # ... the default rule finds the label that is not common to the group.
+  # ... the default rule and consistency alone find the label that is not common to the
+  # group (the object is the salient label; grass and background are not).
   background = multiclass.Background.build(config, _pixel_extractor(), {})
-  bg = background.label(images, labels, 3, rule)
-  assert bg == 0
+  prior = [(l == 2).astype(np.float32) for l in labels]
+  assert background.label(images, labels, 3, rule, prior=prior) == 0
+  assert background.label(images, labels, 3, 'consistency') == 0
   # Any permutation of the labels: the rule follows the content, not the id.
   perm = np.array([2, 0, 1], np.uint8)
-  assert background.label(images, [perm[l] for l in labels], 3, rule) == 2
+  assert background.label(images, [perm[l] for l in labels], 3, rule, prior=prior) == 2
   assert background.label(images, labels, 3, rule='border') == 1
 
 
 def test_auto_rules_are_saliency_for_one_class_only():
   config = defaults.multiclass()
-  for k, rule, init in ((1, 'saliency', 'saliency'), (2, 'consistency', 'cluster'),
-                        (None, 'consistency', 'cluster')):
+  for k, rule, init in ((1, 'saliency', 'saliency'), (2, 'saliency+consistency', 'cluster'),
+                        (None, 'saliency+consistency', 'cluster')):
     config.num_classes = k
     assert multiclass.background_rule(config) == rule
     assert multiclass.classifier_init(config) == init
+    assert multiclass.estimate_rule(config) == 'consistency'   # the K estimate's loss
   config.infer.background, config.model.classifier_init = 'channel', 'random'
   config.num_classes = 1
   assert multiclass.background_rule(config) == 'channel'   # a set rule is kept
   assert multiclass.untrained_rule(config) == 'consistency'
+  config.infer.background = 'saliency'
+  assert multiclass.estimate_rule(config) == 'saliency'        # a set rule is kept
   assert multiclass.classifier_init(config) == 'random'
 
 
@@ -111,6 +116,50 @@ def test_least_consistent_label_ignores_labels_seen_once():
   present[1:, 2] = False                     # seen in one image only: not comparable
   v[:, 1] = rng.normal(size=(4, 3))
   assert postprocess.least_consistent_label(v, present) == 1
+
+
+def test_least_common_label_is_neither_salient_nor_consistent():
+  """An object that varies across the group (salient, inconsistent), a stuff class (the
+  same everywhere, not salient) and a background that is neither: each single rule names
+  a class, their sum names the background."""
+  rng = np.random.default_rng(0)
+  n, d = 6, 8
+  v = np.zeros((n, 3, d))
+  v[:, 0] = rng.normal(size=(n, d))                        # object: a different one each time
+  v[:, 1, 0] = 1.0                                         # stuff: identical
+  v[:, 2, 1] = 1.0                                         # background: half shared ...
+  extra = rng.normal(size=(n, d - 2))
+  v[:, 2, 2:] = extra / np.linalg.norm(extra, axis=1, keepdims=True)   # ... half its own
+  present = np.ones((n, 3), bool)
+  labels = [np.array([[0, 0, 1, 1], [2, 2, 1, 1]], np.uint8)] * n
+  prior = [np.array([[0.9, 0.9, 0.0, 0.0], [0.1, 0.1, 0.0, 0.0]])] * n
+  assert postprocess.least_consistent_label(v, present) == 0
+  assert postprocess.least_salient_label(labels, prior, 3) == 1
+  assert postprocess.least_common_label(labels, prior, v, present) == 2
+  # The ids do not matter: the same content under other labels.
+  perm = np.array([2, 0, 1])
+  relabelled = [perm[l].astype(np.uint8) for l in labels]
+  v_perm = np.empty_like(v)
+  v_perm[:, perm] = v
+  assert postprocess.least_common_label(relabelled, prior, v_perm, present) == 1
+  # A label seen in one image only cannot be compared: never chosen.
+  present[1:, 2] = False
+  assert postprocess.least_common_label(labels, prior, v, present) != 2
+
+
+def test_saliency_and_consistency_rule_through_the_pipeline():
+  images, labels = _stuff_group()
+  config = defaults.multiclass()
+  config.num_classes = 2
+  config.data.image_size = images.shape[1]
+  config.infer.background = 'saliency+consistency'
+  assert multiclass.needs_prior(config)
+  background = multiclass.Background.build(config, _pixel_extractor(), {})
+  # The object is salient, the varied background a little, the grass not at all: saliency
+  # alone calls the grass background, the sum keeps it as a class.
+  prior = [np.choose(l, [0.1, 0.0, 1.0]).astype(np.float32) for l in labels]
+  assert background.label(images, labels, 3, 'saliency', prior=prior) == 1
+  assert background.label(images, labels, 3, config.infer.background, prior=prior) == 0
 
 
 def test_swap_to_background():

@@ -297,6 +297,12 @@ def test_without_proposals_the_peaks_rank_the_baseline_instances():
   np.testing.assert_array_equal(built, np.concatenate([own, components]))
   masks, _ = proposals.select_instances(prms, prior, candidates, reference_area=24 * 32)
   assert len(masks) == 2 and min(proposals.best_overlaps(masks, people)) == 1.0
+  # 'auto' detections: every instance without proposals, a peak's best with them.
+  assert instance.detections(config) == 'peaks'
+  config.proposals.source = 'none'
+  assert instance.detections(config) == 'candidates'
+  config.rank.detections = 'peaks'
+  assert instance.detections(config) == 'peaks'
 
 
 def test_no_proposals_and_no_components_is_a_config_error(tmp_path):
@@ -324,6 +330,7 @@ def test_instance_labels_best_rank_wins_and_bbox():
     ('proposals.source', 'folder', 'proposals folder does not exist'),
     ('saliency.prior', 'folder', 'saliency folder does not exist'),
     ('saliency.split', 'voronoi', 'config.saliency.split'),
+    ('rank.detections', 'all', 'config.rank.detections'),
     ('data.batch_size', 3, 'must be even'),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, field, value, words):

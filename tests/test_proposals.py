@@ -205,6 +205,33 @@ def test_select_instances_merges_peaks_on_one_proposal():
   assert masks.shape == (0, 6, 6) and len(scores) == 0
 
 
+def test_every_candidate_is_a_detection_scored_by_its_best_peak():
+  # Three people, two peaks (both on the left one): 'peaks' keeps one detection, the
+  # left person; 'candidates' keeps all three, each scored by Eq. 7 of its best peak.
+  h, w = 20, 30
+  yy, xx = np.mgrid[:h, :w]
+  people = np.stack([(np.abs(xx - c) < 3) & (yy > 4) for c in (5, 15, 25)])
+  sal = np.where(people.any(0), 0.9, 0.1)
+  prm = np.stack([np.exp(-((yy - 10) ** 2 + (xx - x0) ** 2) / 8.0) for x0 in (4, 7)])
+  kw = dict(reference_area=h * w, contour_width=3)
+  masks, scores = proposals.select_instances(prm, sal, people, **kw)
+  assert len(masks) == 1 and np.array_equal(masks[0], people[0])
+  masks, scores = proposals.select_instances(prm, sal, people, detections='candidates', **kw)
+  assert len(masks) == 3
+  expected = proposals.proposal_scores(prm, sal, people, **kw).max(axis=1)
+  order = np.argsort(-expected)
+  np.testing.assert_array_equal(masks, people[order])
+  np.testing.assert_allclose(scores, expected[order])
+  assert np.array_equal(masks[0], people[0])   # the person under the peaks ranks first
+  # Overlapping candidates still go through NMS.
+  twice = np.concatenate([people, people[:1]])
+  masks, _ = proposals.select_instances(prm, sal, twice, detections='candidates', **kw)
+  assert len(masks) == 3
+  # No candidates: no detections either way.
+  masks, scores = proposals.select_instances(prm, sal, people[:0], detections='candidates', **kw)
+  assert masks.shape == (0, h, w) and len(scores) == 0
+
+
 def test_generate_recovers_a_non_convex_object():
   # A C-shaped (non-convex) object on textured clutter: its bounding box is mostly
   # background, so a box-shaped or convex candidate cannot reach IoU 0.8.

@@ -261,11 +261,13 @@ def multiclass():
   # masked images, through f with the loss' pooling, agree least across the group: the
   # criterion the loss encodes), 'saliency' (the label of lowest mean co-saliency prior:
   # with one class the common stuff, a road in every street photo, is as consistent as
-  # the common object), 'channel' (the generator's channel 0 as trained, the thesis; the
-  # clustering baseline then uses 'consistency'), 'border' (the label owning most
-  # image-border pixels; fails when stuff classes fill the border), or 'auto': 'saliency'
-  # for one class, else 'consistency'. The same rule orders the k-means classifier init
-  # and labels the clustering baseline.
+  # the common object), 'saliency+consistency' (the lowest sum of the two: a class either
+  # stands out, an object, or recurs, stuff; a varied class such as buildings is kept by
+  # its saliency, a stuff class by its consistency), 'channel' (the generator's channel 0
+  # as trained, the thesis; the clustering baseline then uses 'consistency'), 'border' (the
+  # label owning most image-border pixels; fails when stuff classes fill the border), or
+  # 'auto': 'saliency' for one class, else 'saliency+consistency'. The same rule orders the
+  # k-means classifier init and labels the clustering baseline.
   c.infer.background = 'auto'
   c.infer.crf = _crf()
   # The 'saliency' baseline's CRF unary floor (`saliency.foreground`).
@@ -363,6 +365,13 @@ def instance():
   # Eq. 7 on this image's pixels with the maps as back-propagated
   # (`proposals.rank_proposals` says why).
   c.rank.reference_area = 448 * 448
+  # What becomes a detection: 'peaks' (each instance peak's best candidate under Eq. 7, the
+  # paper), 'candidates' (every candidate, scored by Eq. 7 of its best peak) or 'auto':
+  # 'candidates' when the candidates are the baseline's few instances alone
+  # (proposals.source='none'), where 'peaks' drops the people no peak chose (mAP^r@0.5
+  # fudanped 0.429 -> 0.482, fudanped24 0.467 -> 0.506; BUILD.md, session 18), else 'peaks'
+  # (~900 proposals per image would all become detections).
+  c.rank.detections = 'auto'
   # Detections below this percentile of the group's scores are dropped (best per image kept).
   c.rank.drop_percentile = 20.0
   # Instance peaks must also be salient: pre-sigmoid score > this (0: S~ > 0.5). The

@@ -129,6 +129,14 @@ def candidate_masks(config, sample, components_KxHxW):
   return props
 
 
+def detections(config):
+  """`rank.detections` resolved: 'auto' is 'candidates' when Eq. 7 ranks the baseline's
+  instances alone (proposals.source='none'), else 'peaks'."""
+  if config.rank.detections != 'auto':
+    return config.rank.detections
+  return 'candidates' if config.proposals.source == 'none' else 'peaks'
+
+
 def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw, sal_SxS, sample,
                  components_KxHxW):
   """DeepCO3 on one image: (masks by score, scores, candidate masks, number of peaks) at
@@ -149,7 +157,8 @@ def detect_image(config, prm_score, params_and_frozen, image_1xSxSx3, score_hxw,
   masks, scores = proposals.select_instances(
       data.resize_probs(maps, shape_hw, axis=0), data.resize_probs(sal_SxS[None], shape_hw, axis=0)[0], props,
       inside_weight=r.inside_weight, background_penalty=r.background_penalty, nms_iou=r.nms_iou,
-      contour_width=r.contour_width, reference_area=r.reference_area)
+      contour_width=r.contour_width, reference_area=r.reference_area,
+      detections=detections(config))
   return masks, scores, props, len(peaks)
 
 
@@ -260,6 +269,7 @@ def check_config(config):
   r('saliency.crf_floor', 0, 0.5, below=True)
   crf.check_fields(config, 'saliency.crf')
   errors.check_one_of('proposals.source', config.proposals.source, proposals.SOURCES)
+  errors.check_one_of('rank.detections', config.rank.detections, ('auto',) + proposals.DETECTIONS)
   folders = [('saliency', config.saliency.prior == 'folder')]
   if config.baseline == 'none':
     folders.append(('proposals', config.proposals.source == 'folder'))

@@ -321,9 +321,10 @@ def contours(masks_NxHxW, width=5):
   return _window(m, width, np.logical_or) != _window(m, width, np.logical_and)
 
 
-def rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, background_penalty=1e-5,
-                   contour_width=5, reference_area=None, chunk=128):
-  """Best proposal per peak under R(P) (Eq. 7).
+def proposal_scores(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, background_penalty=1e-5,
+                    contour_width=5, reference_area=None, chunk=128):
+  """R(P) of Eq. 7 of every proposal for every peak: an NxK array (Nx0 or 0xK when either
+  is empty).
 
   Args:
     prm_KxHxW: peak response maps O, one per peak, at the masks' resolution.
@@ -336,14 +337,10 @@ def rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, backgr
       are about 448^2 pixels. Residual blocks (ResNet, EfficientNet) double the signal on
       every skip, and their map's sum drifts with training (0.1 to 3 on the demo), which
       would change how much background a proposal may cover.
-
-  Returns:
-    (index K, score K): the best proposal of each peak and its R. With no proposals both
-    are empty.
   """
   k = len(prm_KxHxW)
   if not len(masks_NxHxW) or not k:
-    return np.zeros(0, int), np.zeros(0)
+    return np.zeros((len(masks_NxHxW), k))
   prm_KxP = np.asarray(prm_KxHxW, np.float32).reshape(k, -1)
   if reference_area:
     prm_KxP = prm_KxP / np.maximum(prm_KxP.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
@@ -357,9 +354,21 @@ def rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, *, inside_weight=0.8, backgr
     edge = contours(part, contour_width).reshape(len(part), -1)
     scores_NxK.append((inside_weight * inside + edge) @ weighted_KxP.T
                       - background_penalty * (inside @ background_P)[:, None])
-  scores_NxK = np.concatenate(scores_NxK)
+  return np.concatenate(scores_NxK)
+
+
+def rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, **score_kwargs):
+  """Best proposal per peak under R(P) (Eq. 7; `proposal_scores`' keyword arguments).
+
+  Returns:
+    (index K, score K): the best proposal of each peak and its R. With no proposals both
+    are empty.
+  """
+  scores_NxK = proposal_scores(prm_KxHxW, sal_HxW, masks_NxHxW, **score_kwargs)
+  if not scores_NxK.size:
+    return np.zeros(0, int), np.zeros(0)
   best = np.argmax(scores_NxK, axis=0)
-  return best, scores_NxK[best, np.arange(k)]
+  return best, scores_NxK[best, np.arange(scores_NxK.shape[1])]
 
 
 def mask_nms(masks_KxHxW, scores_K, iou_thr=0.4):
@@ -388,12 +397,25 @@ def drop_low_scores(scores_per_image, percentile=20.0):
   return keep
 
 
-def select_instances(prm_KxHxW, sal_HxW, masks_NxHxW, *, nms_iou=0.4, **rank_kwargs):
-  """One image: rank proposals per peak (`rank_proposals`' keyword arguments), then NMS.
+# What becomes a detection (`rank.detections`): 'peaks' (each peak's best proposal under
+# Eq. 7, the paper) or 'candidates' (every proposal, scored by its best peak's R).
+DETECTIONS = ('peaks', 'candidates')
+
+
+def select_instances(prm_KxHxW, sal_HxW, masks_NxHxW, *, nms_iou=0.4, detections='peaks',
+                     **score_kwargs):
+  """One image: the `detections` (DETECTIONS) under Eq. 7 (`proposal_scores`' keyword
+  arguments), then NMS.
 
   Returns (masks MxHxW, scores M) by score.
   """
-  best, scores = rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, **rank_kwargs)
-  chosen = masks_NxHxW[best]
+  if detections == 'candidates':
+    scores_NxK = proposal_scores(prm_KxHxW, sal_HxW, masks_NxHxW, **score_kwargs)
+    chosen, scores = masks_NxHxW, scores_NxK.max(axis=1, initial=-np.inf)
+    if not scores_NxK.shape[1]:  # no peak: nothing to score a proposal by
+      chosen, scores = masks_NxHxW[:0], scores[:0]
+  else:
+    best, scores = rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, **score_kwargs)
+    chosen = masks_NxHxW[best]
   keep = mask_nms(chosen, scores, nms_iou)
   return chosen[keep], scores[keep]

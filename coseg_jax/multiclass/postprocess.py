@@ -43,15 +43,9 @@ def border_label(labels_list, num_labels):
   return int(np.argmax(counts))
 
 
-def least_consistent_label(vectors_NxLxD, present_NxL):
-  """The label whose per-image vectors agree least across the group (lowest mean cosine
-  similarity over the pairs of images where it is present).
-
-  With f and the pooling of the co-attention loss, this is the criterion the loss encodes:
-  classes 1..K are pulled together across images (d+), the background has no such term.
-  Labels present in fewer than two images cannot be compared and are never chosen, unless
-  no label can be compared (then label 0).
-  """
+def label_consistency(vectors_NxLxD, present_NxL):
+  """Per label, the mean cosine similarity of its per-image vectors over the pairs of
+  images where it is present (inf where it is present in fewer than two images)."""
   v = np.asarray(vectors_NxLxD, np.float64)
   v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
   present = np.asarray(present_NxL, bool)
@@ -62,9 +56,50 @@ def least_consistent_label(vectors_NxLxD, present_NxL):
     pairs = off & present[:, l][:, None] & present[:, l][None, :]
     if pairs.any():
       consistency[l] = (v[:, l] @ v[:, l].T)[pairs].mean()
-  if not np.isfinite(consistency).any():
-    return 0
-  return int(np.argmin(consistency))
+  return consistency
+
+
+def label_saliency(labels_list, priors_list, num_labels):
+  """Per label, the mean saliency over the group's pixels (labels and priors of each image
+  at one size; inf for a label no pixel has)."""
+  total, count = np.zeros(num_labels), np.zeros(num_labels)
+  for labels, prior in zip(labels_list, priors_list):
+    total += np.bincount(labels.ravel(), np.asarray(prior, np.float64).ravel(), num_labels)
+    count += np.bincount(labels.ravel(), minlength=num_labels)
+  return np.where(count > 0, total / np.maximum(count, 1), np.inf)
+
+
+def _lowest(values_L):
+  """argmin over the finite values; label 0 where none is finite."""
+  return int(np.argmin(values_L)) if np.isfinite(values_L).any() else 0
+
+
+def least_consistent_label(vectors_NxLxD, present_NxL):
+  """The label whose per-image vectors agree least across the group (`label_consistency`).
+
+  With f and the pooling of the co-attention loss, this is the criterion the loss encodes:
+  classes 1..K are pulled together across images (d+), the background has no such term.
+  Labels present in fewer than two images cannot be compared and are never chosen, unless
+  no label can be compared (then label 0).
+  """
+  return _lowest(label_consistency(vectors_NxLxD, present_NxL))
+
+
+def least_salient_label(labels_list, priors_list, num_labels):
+  """The label of lowest mean saliency over the group's pixels (`label_saliency`); a label
+  no pixel has is never chosen."""
+  return _lowest(label_saliency(labels_list, priors_list, num_labels))
+
+
+def least_common_label(labels_list, priors_list, vectors_NxLxD, present_NxL):
+  """The label with the least evidence of being one of the group's classes: the lowest sum
+  of its mean co-saliency and its cross-image consistency, both in [0, 1] and equally
+  weighted. A class is either what stands out of the images (an object: salient) or what
+  recurs across them (stuff such as sky or grass: consistent, not salient); the background
+  is neither. Labels either criterion cannot score are never chosen."""
+  num_labels = np.asarray(present_NxL).shape[1]
+  return _lowest(label_saliency(labels_list, priors_list, num_labels)
+                 + label_consistency(vectors_NxLxD, present_NxL))
 
 
 def swap_to_background(labels_list, bg, num_labels):
@@ -74,23 +109,15 @@ def swap_to_background(labels_list, bg, num_labels):
   return [swap[labels] for labels in labels_list]
 
 
-def least_salient_label(labels_list, priors_list, num_labels):
-  """The label of lowest mean saliency over the group's pixels (labels and priors of each
-  image at one size); a label no pixel has is never chosen."""
-  total, count = np.zeros(num_labels), np.zeros(num_labels)
-  for labels, prior in zip(labels_list, priors_list):
-    total += np.bincount(labels.ravel(), np.asarray(prior, np.float64).ravel(), num_labels)
-    count += np.bincount(labels.ravel(), minlength=num_labels)
-  mean = np.where(count > 0, total / np.maximum(count, 1), np.inf)
-  return int(np.argmin(mean))
-
-
 # Rules for which label is background (`infer.background`, BUILD.md): 'consistency' (the
 # label least consistent across the group under the loss' f and pooling), 'saliency' (the
-# label least salient under the group's co-saliency prior), 'channel' (the generator's
-# channel 0 as trained, the thesis), 'border' (the label owning most border); 'auto' is
-# 'saliency' for one class and 'consistency' otherwise.
-BACKGROUND_RULES = ('auto', 'consistency', 'saliency', 'channel', 'border')
+# label least salient under the group's co-saliency prior), 'saliency+consistency' (the
+# lowest sum of the two), 'channel' (the generator's channel 0 as trained, the thesis),
+# 'border' (the label owning most border); 'auto' is 'saliency' for one class and
+# 'saliency+consistency' otherwise.
+BACKGROUND_RULES = ('auto', 'consistency', 'saliency', 'saliency+consistency', 'channel', 'border')
+# The rules that read the group's co-saliency prior.
+PRIOR_RULES = ('saliency', 'saliency+consistency')
 
 
 def background_by_border(labels_list, num_labels):
