@@ -410,10 +410,8 @@ def select_instances(prm_KxHxW, sal_HxW, masks_NxHxW, *, nms_iou=0.4, detections
   Returns (masks MxHxW, scores M) by score.
   """
   if detections == 'candidates':
-    scores_NxK = proposal_scores(prm_KxHxW, sal_HxW, masks_NxHxW, **score_kwargs)
-    chosen, scores = masks_NxHxW, scores_NxK.max(axis=1, initial=-np.inf)
-    if not scores_NxK.shape[1]:  # no peak: nothing to score a proposal by
-      chosen, scores = masks_NxHxW[:0], scores[:0]
+    chosen = masks_NxHxW if len(prm_KxHxW) else masks_NxHxW[:0]  # no peak to score them by
+    scores = proposal_scores(prm_KxHxW, sal_HxW, chosen, **score_kwargs).max(axis=1, initial=-np.inf)
   else:
     best, scores = rank_proposals(prm_KxHxW, sal_HxW, masks_NxHxW, **score_kwargs)
     chosen = masks_NxHxW[best]
