@@ -44,7 +44,7 @@ def test_default_rule_keeps_a_stuff_class_that_owns_the_border():
   config = defaults.multiclass()
   config.num_classes = 2
   config.data.image_size = images.shape[1]
-  rule = multiclass.background_rule(config)
+  rule = multiclass.data_rule(config)
   assert rule == 'saliency+consistency'   # the default ('auto') for more than one class
   # The border rule calls grass (label 1) background ...
   assert postprocess.border_label(labels, 3) == 1
@@ -65,16 +65,28 @@ def test_auto_rules_are_saliency_for_one_class_only():
   for k, rule, init in ((1, 'saliency', 'saliency'), (2, 'saliency+consistency', 'cluster'),
                         (None, 'saliency+consistency', 'cluster')):
     config.num_classes = k
-    assert multiclass.background_rule(config) == rule
+    assert multiclass.data_rule(config) == rule            # orders the init
+    assert multiclass.background_rule(config) == 'channel'  # the method keeps it
     assert multiclass.classifier_init(config) == init
     assert multiclass.estimate_rule(config) == 'consistency'   # the K estimate's loss
-  config.infer.background, config.model.classifier_init = 'channel', 'random'
+    assert multiclass.needs_prior(config)
+    config.baseline = 'cluster'                             # no channel to keep
+    assert multiclass.background_rule(config) == rule
+    config.baseline = 'none'
+  # A random init names no channel: the rule runs on the trained labels.
+  config.model.classifier_init = 'random'
+  assert multiclass.background_rule(config) == 'saliency+consistency'
+  config.infer.background = 'channel'                       # the thesis, as trained
+  assert multiclass.background_rule(config) == 'channel'
+  assert not multiclass.needs_prior(config)                 # nothing reads the prior
   config.num_classes = 1
-  assert multiclass.background_rule(config) == 'channel'   # a set rule is kept
-  assert multiclass.untrained_rule(config) == 'consistency'
+  assert multiclass.data_rule(config) == 'saliency'
   config.infer.background = 'saliency'
+  assert multiclass.background_rule(config) == multiclass.data_rule(config) == 'saliency'
   assert multiclass.estimate_rule(config) == 'saliency'        # a set rule is kept
   assert multiclass.classifier_init(config) == 'random'
+  config.infer.background, config.model.classifier_init = 'consistency', 'cluster'
+  assert not multiclass.needs_prior(config)
 
 
 def test_least_salient_label_is_the_label_of_lowest_mean_prior():

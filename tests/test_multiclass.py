@@ -74,6 +74,34 @@ def test_default_training_raises_j_over_its_own_step_0_labels(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+def test_the_method_keeps_the_background_its_init_named(tmp_path, monkeypatch):
+  """The default method names its background once, from the images: the init puts the
+  cluster the data rule names in channel 0, and the trained labels keep channel 0 as
+  background instead of running the rule again (which named a class background under 2
+  of 3 seeds on a real group). The clustering baseline runs the rule on its clusters."""
+  rules = []
+  label = multiclass.Background.label
+
+  def spy(self, images, labels, num_labels, rule, **kwargs):
+    rules.append(rule)
+    return label(self, images, labels, num_labels, rule, **kwargs)
+
+  monkeypatch.setattr(multiclass.Background, 'label', spy)
+  config = defaults.multiclass()
+  config.num_classes = 2
+  config.data.image_size = 64
+  config.train.steps = 2
+  config.data.root = demo.make_multiclass_demo(str(tmp_path / 'demo'), 2)
+  config.output.quiet, config.output.images = True, False
+  multiclass.run(config, str(tmp_path / 'method'))
+  assert rules == ['saliency+consistency', 'channel'], rules   # init, then the trained labels
+  rules.clear()
+  config.baseline = 'cluster'
+  multiclass.run(config, str(tmp_path / 'baseline'))
+  assert rules == ['saliency+consistency'], rules
+
+
+@pytest.mark.slow
 def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
   """Step 0 of the default method (cluster init on the default encoder tap) labels the
   group as the clustering baseline does, with confident maps (what the CRF keeps)."""

@@ -263,11 +263,14 @@ def multiclass():
   # with one class the common stuff, a road in every street photo, is as consistent as
   # the common object), 'saliency+consistency' (the lowest sum of the two: a class either
   # stands out, an object, or recurs, stuff; a varied class such as buildings is kept by
-  # its saliency, a stuff class by its consistency), 'channel' (the generator's channel 0
-  # as trained, the thesis; the clustering baseline then uses 'consistency'), 'border' (the
-  # label owning most image-border pixels; fails when stuff classes fill the border), or
-  # 'auto': 'saliency' for one class, else 'saliency+consistency'. The same rule orders the
-  # k-means classifier init and labels the clustering baseline.
+  # its saliency, a stuff class by its consistency), 'border' (the label owning most
+  # image-border pixels; fails when stuff classes fill the border), 'channel' (the
+  # generator's channel 0 as trained, the thesis), or 'auto'. A rule other than 'channel'
+  # orders the k-means classifier init, labels the clustering baseline and names the
+  # method's background again after training; 'auto' and 'channel' order the init and
+  # label the baseline by 'saliency' for one class, else 'saliency+consistency', and the
+  # method keeps the channel its init named ('auto' re-runs that rule on the trained
+  # labels only after a random init, which names no channel).
   c.infer.background = 'auto'
   c.infer.crf = _crf()
   # The 'saliency' baseline's CRF unary floor (`saliency.foreground`).

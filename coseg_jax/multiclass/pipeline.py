@@ -356,7 +356,7 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
   if init != 'random' or model.freeze_encoder:
     feats = model.encoder_features(images)
   if init == 'cluster':
-    rule = untrained_rule(config)
+    rule = data_rule(config)
     params = cluster_init(feats, params, config.num_classes, config.seed,
                           temperature=config.model.cluster_init_temperature,
                           background=lambda labels: background.label(
@@ -442,27 +442,35 @@ def estimate_num_classes(config, group, extractor, extractor_vars, background):
 
 
 def estimate_rule(config):
-  """The background rule of the K estimate: the group's `untrained_rule`, where 'auto' is
+  """The background rule of the K estimate: the group's `data_rule`, where 'auto' is
   'consistency': the criterion is the loss of each partition, whose own background is the
   label without a consistency term (true K on 11 of 14 groups, 9 with
   'saliency+consistency'; BUILD.md, "Estimating K")."""
-  return 'consistency' if config.infer.background == 'auto' else untrained_rule(config)
+  return 'consistency' if config.infer.background == 'auto' else data_rule(config)
+
+
+def data_rule(config):
+  """The rule that names a background from the images alone: `infer.background`, where
+  'auto' and 'channel' are 'saliency' for one class, else 'saliency+consistency'. It orders
+  the k-means classifier init (its channel 0 is the cluster the rule names) and labels the
+  clustering baseline."""
+  if config.infer.background in ('auto', 'channel'):
+    return 'saliency' if config.num_classes == 1 else 'saliency+consistency'
+  return config.infer.background
 
 
 def background_rule(config):
-  """`infer.background` resolved: 'auto' is 'saliency' for one class, else
-  'saliency+consistency'."""
-  if config.infer.background != 'auto':
-    return config.infer.background
-  return 'saliency' if config.num_classes == 1 else 'saliency+consistency'
-
-
-def untrained_rule(config):
-  """The background rule for k-means clusters (the init, the K estimate, the clustering
-  baseline): the group's rule, where 'channel' has no trained channel to read yet and
-  means 'consistency'."""
-  rule = background_rule(config)
-  return 'consistency' if rule == 'channel' else rule
+  """The rule that names the background of a group's final labels: the `data_rule`, but
+  for the method 'auto' is 'channel' wherever an init has named channel 0 ('cluster' or
+  'saliency'): training keeps the background its init took from the images (the thesis'
+  channel K+1), where the rule run again on the trained labels named a class background
+  under 2 of 3 seeds on car/road/building (BUILD.md, "The background of the trained
+  labels")."""
+  if config.baseline == 'cluster' or config.infer.background not in ('auto', 'channel'):
+    return data_rule(config)
+  if config.infer.background == 'channel' or classifier_init(config) != 'random':
+    return 'channel'
+  return data_rule(config)
 
 
 def check_one_class(config, group):
@@ -489,8 +497,9 @@ def needs_prior(config):
   prior reads nothing)."""
   if config.baseline in ('center', 'saliency'):
     return config.baseline == 'saliency'
-  return (background_rule(config) in postprocess.PRIOR_RULES or
-          (config.baseline == 'none' and classifier_init(config) == 'saliency'))
+  init = classifier_init(config) if config.baseline == 'none' else None
+  reads_data_rule = background_rule(config) != 'channel' or init == 'cluster'
+  return (reads_data_rule and data_rule(config) in postprocess.PRIOR_RULES) or init == 'saliency'
 
 
 def lite0_input(config, backbone):
@@ -623,12 +632,11 @@ def run(config, workdir, start=None):
 
 
 def _background_rule(config, images, background, prior):
-  """labels -> background label, by `infer.background`; the centre and co-saliency priors
-  are labelled already, and a clustering baseline has no trained channel 0 to keep
-  ('channel' then uses 'consistency')."""
+  """labels -> background label, by `background_rule`; the centre and co-saliency priors
+  are labelled already."""
   if config.baseline in ('center', 'saliency'):
     return lambda labels: 0
-  rule = untrained_rule(config) if config.baseline == 'cluster' else background_rule(config)
+  rule = background_rule(config)
   return lambda labels: background.label(images, labels, config.num_classes + 1, rule=rule,
                                          prior=prior)
 
