@@ -281,7 +281,7 @@ def multiclass_rows(bench, size):
 
   encoder, encoder_vars = backbone(_ENCODER.value, 1)
   extractor, extractor_vars = backbone(_EXTRACTOR.value, 2)
-  gen = multiclass.build_generator(cfg, encoder, cfg.num_classes)
+  gen = multiclass.build_generator(cfg, encoder, extractor, cfg.num_classes)
   params = _random_variables(gen, (batch, 64, 64, 3), 3)['params']
   params['encoder'] = encoder_vars['params']
   x = np.random.default_rng(4).random((batch, size, size, 3), np.float32)

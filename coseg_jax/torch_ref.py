@@ -341,7 +341,8 @@ class Attention(nn.Module):
     if self.spec.mode == 'none':
       return feat_BxCxHxW
     b, c, h, w = feat_BxCxHxW.shape
-    flat_BxMxC = feat_BxCxHxW.flatten(2).transpose(1, 2)
+    coarse_hw = -(-h // self.spec.pool), -(-w // self.spec.pool)
+    flat_BxMxC = resize_bilinear(feat_BxCxHxW, coarse_hw).flatten(2).transpose(1, 2)
     out_BxMxC = torch.zeros_like(flat_BxMxC)
     parts = self.spec.mode.split('_')
     if 'sa' in parts:
@@ -349,10 +350,11 @@ class Attention(nn.Module):
       out_BxMxC = out_BxMxC + torch.softmax(q @ k.transpose(1, 2), -1) @ self.sa_value(flat_BxMxC)
     if 'ma' in parts:
       q, k = self.ma_query(flat_BxMxC), self.ma_key(flat_BxMxC)
-      scale = float(h * w) ** -self.spec.mutual_scale_power
+      scale = float(coarse_hw[0] * coarse_hw[1]) ** -self.spec.mutual_scale_power
       out_BxMxC = out_BxMxC + self.ma_out(
           mutual_attention(q, k, self.ma_value(flat_BxMxC), scale))
-    return feat_BxCxHxW + self.gamma * out_BxMxC.transpose(1, 2).reshape(b, c, h, w)
+    out_BxCxHxW = resize_bilinear(out_BxMxC.transpose(1, 2).reshape(b, c, *coarse_hw), (h, w))
+    return feat_BxCxHxW + self.gamma * out_BxCxHxW
 
 
 def mutual_attention(q_BxMxD, k_BxMxD, v_BxMxD, scale):

@@ -24,6 +24,23 @@ def test_gamma_zero_is_identity(mode):
     assert not np.allclose(mod.apply({'params': params}, feat), feat)
 
 
+@pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
+def test_pooled_attention_is_the_coarse_grids_residual_resized_back(hw):
+  """pool=p: the attention of the map resized by 1/p (its M), its residual resized back
+  to the map's grid; the same projections as on the coarse map itself."""
+  feat = _rand(0, 3, *hw, 8)
+  coarse_hw = tuple(-(-n // 2) for n in hw)
+  coarse = jax.image.resize(feat, (3, *coarse_hw, 8), 'bilinear')
+  pooled = attention.AttentionModule(attention.AttentionSpec(mode='sa_ma', pool=2))
+  plain = attention.AttentionModule(attention.AttentionSpec(mode='sa_ma'))
+  params = dict(plain.init(jax.random.PRNGKey(1), coarse)['params'], gamma=jnp.ones(()))
+  residual = plain.apply({'params': params}, coarse) - coarse
+  want = feat + jax.image.resize(residual, feat.shape, 'bilinear')
+  np.testing.assert_allclose(pooled.apply({'params': params}, feat), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(pooled.apply({'params': params}, feat),
+                         plain.apply({'params': params}, feat), atol=1e-3)
+
+
 def test_self_attention_rows_are_convex_combinations():
   q, k, v = _rand(0, 6, 4), _rand(1, 6, 4), _rand(2, 6, 3)
   out = attention.self_attention(q, k, v)

@@ -6,15 +6,18 @@ import os
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from coseg_jax.backbones import weights
 from coseg_jax.core import config as defaults
 from coseg_jax.core import data
 from coseg_jax.core import demo
 from coseg_jax.core import fileio
+from coseg_jax.core import report
 from coseg_jax.core import visualize
 from coseg_jax.core.errors import InputError
 from coseg_jax.multiclass import baseline
+from coseg_jax.multiclass import losses
 from coseg_jax.multiclass import pipeline as multiclass
 
 
@@ -91,6 +94,7 @@ def test_the_method_keeps_the_background_its_init_named(tmp_path, monkeypatch):
   config.num_classes = 2
   config.data.image_size = 64
   config.train.steps = 2
+  config.model.cluster_taps = 'stride16+stride32'  # no choice of taps, whose losses name one too
   config.data.root = demo.make_multiclass_demo(str(tmp_path / 'demo'), 2)
   config.output.quiet, config.output.images = True, False
   multiclass.run(config, str(tmp_path / 'method'))
@@ -129,6 +133,69 @@ def test_the_default_init_starts_as_the_clustering_baseline(tmp_path):
               for perm in itertools.permutations(range(3)))
   assert agree > 0.98, agree
   assert maps.max(-1).mean() > 0.9   # confident unaries, not a soft blend
+
+
+@pytest.mark.slow
+def test_each_group_is_clustered_on_the_taps_of_least_partition_loss(tmp_path):
+  """Under cluster_taps='auto' every candidate's k-means partition is scored by the
+  co-attention loss (the K estimate's criterion) and the group is clustered on the lowest:
+  the losses reported are those partitions' losses, the labels those of a run given the
+  chosen taps by name."""
+  config = defaults.multiclass()
+  config.num_classes = 2
+  config.data.image_size = 96
+  config.baseline = 'cluster'
+  config.data.root = demo.make_multiclass_demo(str(tmp_path / 'demo'), 2)
+  config.output.quiet = True
+  summary = multiclass.run(config, str(tmp_path / 'auto'))
+  (name, chosen), = summary['cluster_taps_chosen'].items()
+  loss_per_taps = chosen['loss_per_taps']
+  assert list(loss_per_taps) == list(multiclass.CLUSTER_TAPS['efficientnet_lite0'])
+  assert chosen['cluster_taps'] == min(loss_per_taps, key=loss_per_taps.get)
+  assert f'Clustered on {chosen["cluster_taps"]}' in report.build(str(tmp_path / 'auto'))
+
+  group = data.load_group(config.data.root, num_classes=2)
+  lite0, lite0_vars = weights.load_backbone('efficientnet_lite0', config.weights)
+  lite0 = multiclass.lite0_input(config, lite0)
+  images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
+  background = multiclass.Background.build(config, lite0, lite0_vars)
+  prior = multiclass.group_prior(config, background, images)
+  for taps, loss in loss_per_taps.items():
+    feats = baseline.dense_features(lite0, lite0_vars, images, taps)
+    assert feats[0].shape[0] == images.shape[1] // (8 if 'stride8' in taps else 16)
+    labels = baseline.cluster_group(feats, 3, config.seed)
+    bg = background.label(images, labels, 3, rule='saliency+consistency', prior=prior)
+    vectors, _ = background.label_vectors(images, labels, 3)
+    order = np.arange(3)
+    order[[0, bg]] = order[[bg, 0]]
+    expected = float(losses.coattention_loss(vectors[:, order]))
+    assert abs(loss - expected) < 1e-5 * max(1.0, abs(expected)), (taps, loss, expected)
+
+  config.model.cluster_taps = chosen['cluster_taps']
+  named = multiclass.run(config, str(tmp_path / 'named'))
+  assert 'cluster_taps_chosen' not in named
+  label_dir = lambda run: os.path.join(tmp_path, run, name, 'labels')
+  pngs = sorted(os.listdir(label_dir('named')))
+  assert len(pngs) == len(group.samples)
+  for png in pngs:
+    np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(label_dir('auto'), png))),
+                                  np.asarray(Image.open(os.path.join(label_dir('named'), png))))
+
+
+def test_the_generator_reads_the_taps_its_group_is_clustered_on():
+  """encoder_tap='auto' follows the group's cluster taps where the encoder is the
+  extractor's network (so the 'cluster' init starts as the baseline); a group that is not
+  partitioned (one class, co-saliency init) keeps the first candidate and scores none."""
+  config = defaults.multiclass()
+  lite0, _ = weights.load_backbone('efficientnet_lite0', config.weights)
+  config.model.cluster_taps = 'stride8+stride16+stride32'
+  assert multiclass.encoder_tap(config, lite0, lite0) == 'stride8+stride16+stride32'
+  config.model.encoder_tap = 'stride16'
+  assert multiclass.encoder_tap(config, lite0, lite0) == 'stride16'
+  config = defaults.multiclass()
+  config.num_classes = 1
+  assert multiclass.choose_cluster_taps(config, lite0, None, None, None, None) == (
+      multiclass.CLUSTER_TAPS['efficientnet_lite0'][0], {})
 
 
 @pytest.mark.slow

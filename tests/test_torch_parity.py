@@ -127,12 +127,13 @@ def test_backbone_state_dict_inverts_convert(name):
     np.testing.assert_array_equal(flat_back[k], v, err_msg=str(k))
 
 
-def _multiclass_setup(encoder_name, extractor_name, size=64, k=2, batch=3):
+def _multiclass_setup(encoder_name, extractor_name, size=64, k=2, batch=3, cluster_taps='auto'):
   cfg = config.multiclass()
   cfg.num_classes = k
+  cfg.model.cluster_taps = cluster_taps
   encoder, encoder_vars = _backbone(encoder_name, size, seed=1)
   extractor, extractor_vars = _backbone(extractor_name, size, seed=2)
-  gen = multiclass.build_generator(cfg, encoder, cfg.num_classes)
+  gen = multiclass.build_generator(cfg, encoder, extractor, cfg.num_classes)
   params = _randomize(jax.eval_shape(gen.init, jax.random.PRNGKey(0),
                                      jnp.zeros((batch, size, size, 3)))['params'], seed=0)
   params['encoder'] = encoder_vars['params']
@@ -205,14 +206,17 @@ def test_multiclass_training_step_matches_torch():
 
 
 @pytest.mark.slow
-def test_efficientnet_generator_float32_matches_torch():
+@pytest.mark.parametrize('cluster_taps', ['auto', 'stride8+stride16+stride32'])
+def test_efficientnet_generator_float32_matches_torch(cluster_taps):
   # float32, because torch's float64 depthwise convolution takes seconds per call. The
   # co-attention loss' gradients are ill-conditioned in float32 (module docstring), so
   # the generator's gradients are checked on a linear functional of its maps instead;
-  # the loss itself (through the EfficientNet extractor) must still agree.
+  # the loss itself (through the EfficientNet extractor) must still agree. With a
+  # stride-8 tap the attention runs on the map resized to the stride-16 grid.
   name = 'efficientnet_lite0'
-  cfg, gen, params, extractor, extractor_vars, batch, loss_fn = _multiclass_setup(name, name,
-                                                                                  size=64)
+  cfg, gen, params, extractor, extractor_vars, batch, loss_fn = _multiclass_setup(
+      name, name, size=64, cluster_taps=cluster_taps)
+  assert gen.spec.attention.pool == (2 if 'stride8' in cluster_taps else 1)
   loss, _ = jax.jit(loss_fn)(params, extractor_vars, batch)
   weights_ = np.random.default_rng(7).normal(size=(3, 64, 64, 3)).astype(np.float32)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(gen.apply({'params': p}, batch['image'])

@@ -192,13 +192,17 @@ def multiclass():
   # Frozen extractor f: 'auto' (resnet50 if found, else efficientnet_lite0), 'resnet50'
   # (the thesis) or 'efficientnet_lite0'.
   c.model.extractor = 'auto'
-  # Encoder feature the attention and classifier work on: 'auto' (conv5_3 for vgg16,
-  # stride16+stride32 for efficientnet_lite0: the clustering baseline's features, so the
-  # 'cluster' init starts as the baseline) or any tap of the encoder ('head', stride16).
+  # Encoder feature the attention and classifier work on: 'auto' (the group's
+  # cluster_taps where the encoder is the extractor's network, so the 'cluster' init starts
+  # as the baseline; else conv5_3 for vgg16, stride16+stride32 for efficientnet_lite0) or
+  # any tap of the encoder ('head', stride16).
   c.model.encoder_tap = 'auto'
-  # Dense features the clustering baseline clusters, from the extractor; 'a+b' combines
-  # taps (each unit per pixel, resized to the finest grid). 'auto': stride16+stride32 for
-  # efficientnet_lite0, layer3+layer4 for resnet50 (BUILD.md, real photographs).
+  # Dense features the k-means partitions (the clustering baseline, the 'cluster' init),
+  # from the extractor; 'a+b' combines taps (each unit per pixel, resized to the finest
+  # grid). 'auto': per group, of stride16+stride32 and stride8+stride16+stride32 for
+  # efficientnet_lite0 the one whose partition has the lower co-attention loss (the K
+  # estimate's criterion; metrics.json's cluster_taps_chosen); layer3+layer4 for resnet50
+  # (BUILD.md, real photographs). The K estimate and unpartitioned groups use the first.
   c.model.cluster_taps = 'auto'
   # Input normalisation of EfficientNet-Lite0 (encoder and extractor): 'tflite'
   # ((x - 127) / 128 on 0..255, what the TF-Lite checkpoints were trained with) or

@@ -81,8 +81,9 @@ def build(workdir) -> str:
   for name in _group_names(workdir, metrics):
     group_metrics = ((metrics or {}).get('groups') or {}).get(name)
     estimate = ((metrics or {}).get('num_classes_estimated') or {}).get(name)
+    taps = ((metrics or {}).get('cluster_taps_chosen') or {}).get(name)
     parts.append(_group_section(workdir, name, group_metrics, inputs, config.get('method'),
-                                estimate))
+                                estimate, taps))
   parts.append('<h2>Resolved config</h2><details><summary>config.json</summary>'
                f'<pre>{_esc(json.dumps(config, indent=2, sort_keys=True))}</pre></details>')
   log_tail = _tail(os.path.join(workdir, 'run.log'), LOG_TAIL_LINES)
@@ -262,7 +263,7 @@ def k_chart(estimate) -> np.ndarray:
                     title=f'{estimate["criterion"]}: K = {estimate["num_classes"]}')
 
 
-def _group_section(workdir, name, group_metrics, inputs, method, estimate=None):
+def _group_section(workdir, name, group_metrics, inputs, method, estimate=None, taps=None):
   folder = os.path.join(workdir, name)
   group, note = inputs.group(name)
   class_names = group.class_names if group else ()
@@ -270,6 +271,10 @@ def _group_section(workdir, name, group_metrics, inputs, method, estimate=None):
   if estimate:
     parts.append(f'<h3>Estimated K = {int(estimate["num_classes"])}</h3>'
                  f'<img alt="K criterion" src="{png_data_uri(k_chart(estimate), max_side=None)}">')
+  if taps:  # metrics.json's cluster_taps_chosen entry
+    losses = ', '.join(f'{_esc(t)} {float(l):.4f}' for t, l in taps['loss_per_taps'].items())
+    parts.append(f'<p>Clustered on {_esc(taps["cluster_taps"])} (co-attention loss of each '
+                 f'candidate\'s partition: {losses}).</p>')
   # Other methods' group metrics are flat scalars, all in the results table already.
   if _is_multiclass(group_metrics):
     parts.append('<h3>Metrics</h3>' + _multiclass_table(group_metrics, class_names))

@@ -104,6 +104,9 @@ class AttentionSpec:
   mode: str = 'sa_ma'            # one of MODES
   reduction: int = 2             # Q/K/V channels C' = C // reduction
   mutual_scale_power: float = 0.5  # v is scaled by M ** -power before the sigmoid
+  # Attention runs on the map resized (bilinear) by 1/pool, its output resized back: a tap
+  # finer than the thesis' stride-16 conv5_3 keeps that grid's M (cost M^2 per pair).
+  pool: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -119,9 +122,10 @@ class AttentionModule(nn.Module):
     if self.spec.mode == 'none':
       return feat_BxHxWxC
     b, h, w, c = feat_BxHxWxC.shape
-    m = h * w
+    coarse_hw = -(-h // self.spec.pool), -(-w // self.spec.pool)
+    m = coarse_hw[0] * coarse_hw[1]
     d = max(c // self.spec.reduction, 1)
-    flat_BxMxC = feat_BxHxWxC.reshape(b, m, c)
+    flat_BxMxC = jax.image.resize(feat_BxHxWxC, (b, *coarse_hw, c), 'bilinear').reshape(b, m, c)
     out_BxMxC = jnp.zeros_like(flat_BxMxC)
     if 'sa' in self.spec.mode.split('_'):
       q = nn.Dense(d, name='sa_query')(flat_BxMxC)
@@ -137,4 +141,5 @@ class AttentionModule(nn.Module):
       scale = float(m) ** -self.spec.mutual_scale_power
       out_BxMxC += nn.Dense(c, name='ma_out')(mutual_attention(q, k, v, scale))
     gamma = self.param('gamma', nn.initializers.zeros, ())
-    return feat_BxHxWxC + gamma * out_BxMxC.reshape(b, h, w, c)
+    out_BxHxWxC = jax.image.resize(out_BxMxC.reshape(b, *coarse_hw, c), (b, h, w, c), 'bilinear')
+    return feat_BxHxWxC + gamma * out_BxHxWxC

@@ -13,10 +13,10 @@ from coseg_jax.multiclass.attention import AttentionModule
 from coseg_jax.multiclass.attention import AttentionSpec
 from coseg_jax.multiclass.baseline import select_taps
 
-# The encoder feature of each encoder ('auto'): VGG16's conv5_3 (stride 16) as in the
-# thesis' FCN; for EfficientNet-Lite0 the clustering baseline's multi-scale feature
-# (`baseline.multiscale` of stride 16 and 32), the best k-means features on real photos, so
-# the 'cluster' init starts from the strongest baseline (BUILD.md).
+# The encoder feature of each encoder ('auto' where the extractor is another network; with
+# the same one the pipeline uses the group's cluster taps): VGG16's conv5_3 (stride 16) as
+# in the thesis' FCN; for EfficientNet-Lite0 the clustering baseline's default multi-scale
+# feature (`baseline.multiscale` of stride 16 and 32; BUILD.md).
 ENCODER_TAPS = {'vgg16': 'conv5_3', 'efficientnet_lite0': 'stride16+stride32'}
 
 

@@ -164,20 +164,36 @@ def loss_fn(gen, extractor, loss_cfg, params, frozen, batch):
   return loss, {f'area{i}': area_K1[i] for i in range(maps_BxHxWxK1.shape[-1])}
 
 
-def build_generator(config, encoder, num_classes):
+def encoder_tap(config, encoder, extractor):
+  """`model.encoder_tap` checked; 'auto' is the group's `cluster_taps` where the encoder is
+  the extractor's network (so the 'cluster' init starts as the clustering baseline), else
+  the encoder's own (`generator.ENCODER_TAPS`)."""
   tap = config.model.encoder_tap
   if tap == 'auto':
-    tap = generator.ENCODER_TAPS[encoder.name]
-  elif any(t not in encoder.tap_info() for t in baseline.split_taps(tap)):
+    if encoder.name == extractor.name:
+      return cluster_taps(config, extractor)
+    return generator.ENCODER_TAPS[encoder.name]
+  if any(t not in encoder.tap_info() for t in baseline.split_taps(tap)):
     raise InputError(f'config.model.encoder_tap: {encoder.name} has no tap {tap!r} '
                      f'({", ".join(encoder.tap_info())})')
+  return tap
+
+
+# Attention works at the stride of the thesis' conv5_3 where the encoder tap is finer.
+ATTENTION_STRIDE = 16
+
+
+def build_generator(config, encoder, extractor, num_classes):
+  tap = encoder_tap(config, encoder, extractor)
+  finest = min(encoder.tap_info()[t][0] for t in baseline.split_taps(tap))
   spec = generator.GeneratorSpec(
       num_classes=num_classes,
       preprocessing=encoder.preprocessing,
       tap=tap,
       attention=attention.AttentionSpec(
           mode=config.model.attention, reduction=config.model.attention_reduction,
-          mutual_scale_power=config.model.mutual_scale_power))
+          mutual_scale_power=config.model.mutual_scale_power,
+          pool=max(1, ATTENTION_STRIDE // finest)))
   return generator.Generator(spec, encoder=encoder.module)
 
 
@@ -203,7 +219,7 @@ class Model:
 
   @classmethod
   def build(cls, config, num_classes, encoder, encoder_vars, extractor):
-    gen = build_generator(config, encoder, num_classes)
+    gen = build_generator(config, encoder, extractor, num_classes)
     return cls(
         gen=gen,
         params=init_params(gen, encoder_vars, config.data.image_size, config.data.batch_size,
@@ -369,20 +385,47 @@ def segment_group(config, group, images, model, extractor, extractor_vars, backg
   return group_maps(config, model, params, inputs, group)
 
 
-# Dense taps of the clustering baseline per extractor ('auto'): one stride-16 and one
-# stride-32 feature (BUILD.md, real photographs).
-CLUSTER_TAPS = {'efficientnet_lite0': 'stride16+stride32', 'resnet50': 'layer3+layer4'}
+# Dense taps the k-means partitions per extractor under 'auto': candidates, the first the
+# default. Where a group is partitioned (the clustering baseline, the 'cluster' init) each
+# candidate's partition is scored by the co-attention loss and the lowest kept
+# (`choose_cluster_taps`): the stride-8 tap draws stuff boundaries (building/sky,
+# tree/sky/grass) and loses small objects (cars) depending on the group (BUILD.md, real
+# photographs). resnet50's stride-8 layer2 was never measured (no weights here).
+CLUSTER_TAPS = {'efficientnet_lite0': ('stride16+stride32', 'stride8+stride16+stride32'),
+                'resnet50': ('layer3+layer4',)}
 
 
 def cluster_taps(config, extractor):
+  """`model.cluster_taps` checked; 'auto' is the extractor's first candidate (a group's
+  own choice, `choose_cluster_taps`, is set into its config)."""
   taps = config.model.cluster_taps
   if taps == 'auto':
-    taps = CLUSTER_TAPS[extractor.name]
+    taps = CLUSTER_TAPS[extractor.name][0]
   unknown = [t for t in baseline.split_taps(taps) if t not in extractor.tap_info()]
   if unknown:
     raise InputError(f'config.model.cluster_taps: {extractor.name} has no tap {unknown[0]!r} '
                      f'({", ".join(extractor.tap_info())})')
   return taps
+
+
+def choose_cluster_taps(config, extractor, extractor_vars, background, images_NxSxSx3, prior):
+  """(taps, {taps: loss}) of one group (its config): under 'auto', where the group is
+  partitioned by k-means, the candidate whose (K + 1)-cluster partition has the lowest
+  co-attention loss with the `data_rule` background (`num_classes.partition_loss`, the
+  criterion of the K estimate: the loss the method minimises, before any training);
+  otherwise `cluster_taps` and no losses."""
+  candidates = CLUSTER_TAPS[extractor.name]
+  partitioned = config.baseline == 'cluster' or (
+      config.baseline == 'none' and classifier_init(config) == 'cluster')
+  if config.model.cluster_taps != 'auto' or len(candidates) < 2 or not partitioned:
+    return cluster_taps(config, extractor), {}
+  loss_per_taps = {
+      taps: estimate_k.partition_loss(
+          background, images_NxSxSx3,
+          baseline.dense_features(extractor, extractor_vars, images_NxSxSx3, taps),
+          config.num_classes, config.seed, data_rule(config), prior)
+      for taps in candidates}
+  return min(loss_per_taps, key=loss_per_taps.get), loss_per_taps
 
 
 def check_config(config):
@@ -555,14 +598,15 @@ def cosegment_groups(config, groups, workdir=None):
             'saliency': 'co-saliency prior'}.get(
       config.baseline, f'co-attention ({config.model.attention})')
 
-  models = {}  # one Model per K in the dataset, built before its first group
+  models = {}  # one Model per (K, encoder tap) in the dataset, built before its first group
 
-  def model_for(num_classes):
+  def model_for(gconfig):
     if config.baseline != 'none':
       return None
-    if num_classes not in models:
-      models[num_classes] = Model.build(config, num_classes, encoder, encoder_vars, extractor)
-    return models[num_classes]
+    key = gconfig.num_classes, encoder_tap(gconfig, encoder, extractor)
+    if key not in models:
+      models[key] = Model.build(gconfig, gconfig.num_classes, encoder, encoder_vars, extractor)
+    return models[key]
 
   background = Background.build(config, extractor, extractor_vars)
   group_k, estimated = {}, {}
@@ -580,16 +624,11 @@ def cosegment_groups(config, groups, workdir=None):
   ks = sorted(set(group_k.values()))
   k = ks[0] if len(ks) == 1 else group_k
 
-  results, outputs = {}, {}
+  results, outputs, taps_chosen = {}, {}, {}
   for group in groups:
     group_dir = None if workdir is None else os.path.join(workdir, group.name)
-    gconfig = config
-    if config.num_classes != group_k[group.name]:
-      gconfig = config.copy_and_resolve_references()
-      gconfig.num_classes = group_k[group.name]
-    log.info('group %s: %d images, %d classes, method %s, inference %s, background %s',
-             group.name, len(group.samples), gconfig.num_classes, method,
-             config.infer.method, background_rule(gconfig))
+    gconfig = config.copy_and_resolve_references()
+    gconfig.num_classes = group_k[group.name]
     check_one_class(gconfig, group)
     images = data.resize_batch([s.image for s in group.samples], config.data.image_size)
     prior = None
@@ -597,7 +636,20 @@ def cosegment_groups(config, groups, workdir=None):
       prior = background.co_saliency(images)
     elif needs_prior(gconfig):
       prior = group_prior(gconfig, background, images)
-    maps = segment_group(gconfig, group, images, model_for(gconfig.num_classes), extractor,
+    gconfig.model.cluster_taps, loss_per_taps = choose_cluster_taps(
+        gconfig, extractor, extractor_vars, background, images, prior)
+    taps_note = ''
+    if gconfig.baseline in ('none', 'cluster'):
+      taps_note = f', cluster taps {gconfig.model.cluster_taps}'
+    if loss_per_taps:
+      taps_chosen[group.name] = {'cluster_taps': gconfig.model.cluster_taps,
+                                 'loss_per_taps': loss_per_taps}
+      taps_note += ' (co-attention loss of each partition: %s)' % ', '.join(
+          f'{t} {l:.4f}' for t, l in loss_per_taps.items())
+    log.info('group %s: %d images, %d classes, method %s, inference %s, background %s%s',
+             group.name, len(group.samples), gconfig.num_classes, method, config.infer.method,
+             background_rule(gconfig), taps_note)
+    maps = segment_group(gconfig, group, images, model_for(gconfig), extractor,
                          extractor_vars, background, group_dir, prior)
     labels = label_group(gconfig, group, maps,
                          background=_background_rule(gconfig, images, background, prior))
@@ -612,6 +664,8 @@ def cosegment_groups(config, groups, workdir=None):
              'inference': config.infer.method, 'groups': {}}
   if estimated:
     summary['num_classes_estimated'] = estimated
+  if taps_chosen:
+    summary['cluster_taps_chosen'] = taps_chosen
   if results:
     summary.update(metrics.summarize(results))
     log.info('\n%s', metrics.format_table(summary))
